@@ -1,0 +1,293 @@
+"""The API business code uses to address clients anywhere in the cluster.
+
+    from businessworker import api
+
+    def on_message(client_id, message, session):
+        api.send_to_all(message)
+
+Commands (``send_*``, ``close_client``, groups, uids, sessions) are
+fire-and-forget and reach each gateway in the order they were called.
+Queries (``is_online``, ``get_*``) are coroutines answered by the gateways
+concerned; await them. ``join_group`` returns an awaitable acknowledgement.
+
+``data`` may be ``str`` (sent as a text frame), ``bytes`` (a binary frame) or
+any other JSON-serialisable value (encoded once, as compact JSON, here in the
+worker; never once per recipient).
+
+Client ids are ints. Groups and uids are strings (ints are accepted and turned
+into strings). Unknown or offline client ids are ignored by commands and
+answered as offline / ``None`` by queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Iterable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from gateway import client as gw
+from gateway import protocol as p
+
+if TYPE_CHECKING:
+    from businessworker.links import GatewayLinks
+
+__all__ = [
+    "bind_uid",
+    "close_client",
+    "get_all_client_count",
+    "get_all_client_sessions",
+    "get_all_group_ids",
+    "get_client_count_by_group",
+    "get_client_ids_by_group",
+    "get_client_ids_by_uid",
+    "get_client_sessions_by_group",
+    "get_session",
+    "get_uid_by_client_id",
+    "get_uids_by_group",
+    "is_online",
+    "is_uid_online",
+    "join_group",
+    "leave_group",
+    "send_to_all",
+    "send_to_client",
+    "send_to_clients",
+    "send_to_group",
+    "send_to_uid",
+    "set_session",
+    "unbind_uid",
+    "ungroup",
+    "update_session",
+]
+
+_links: GatewayLinks | None = None
+_scope: ContextVar[Any] = ContextVar("businessworker_callback_scope", default=None)
+"""The callback being run (set by the dispatcher); its session is written back
+before any query, so a callback that changed its session then asks the cluster
+sees its own change."""
+
+
+def bind(links: GatewayLinks | None) -> None:
+    """Point the API at a worker's links (done by the worker at start)."""
+    global _links
+    _links = links
+
+
+def _cluster() -> GatewayLinks:
+    if _links is None:
+        raise RuntimeError("the businessworker API is only usable inside a running worker")
+    return _links
+
+
+def encode(data: Any) -> str | bytes:
+    """str and bytes pass through; anything else becomes compact JSON (ASCII, like PHP)."""
+    if isinstance(data, str | bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _ids(client_ids: Iterable[int] | None) -> list[int]:
+    return [int(c) for c in client_ids] if client_ids else []
+
+
+def _key(value: str | int) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TypeError(f"group names and uids are str or int, not {type(value).__name__}")
+    return str(value)
+
+
+def _flush_session() -> None:
+    scope = _scope.get()
+    if scope is not None:
+        scope.flush()
+
+
+# Sending
+
+
+def send_to_client(client_id: int, data: Any) -> None:
+    """Send to one client, wherever it is connected."""
+    link = _cluster().for_client(client_id)
+    if link is not None:
+        link.send_frame(gw.encode_send([int(client_id)], encode(data)))
+
+
+def send_to_clients(client_ids: Iterable[int], data: Any) -> None:
+    """Send the same data to several clients (one command per gateway concerned)."""
+    by_link = _cluster().group_by_link(_ids(client_ids))
+    if by_link:
+        payload = encode(data)
+        for link, ids in by_link.items():
+            link.send_frame(gw.encode_send(ids, payload))
+
+
+def send_to_all(data: Any, *, exclude: Iterable[int] | None = None) -> None:
+    """Send to every client of the cluster, except ``exclude``."""
+    _cluster().broadcast(gw.encode_send_all(encode(data), _ids(exclude)))
+
+
+def send_to_group(
+    group: str | Iterable[str], data: Any, *, exclude: Iterable[int] | None = None
+) -> None:
+    """Send to every member of a group (or of several, each client once)."""
+    groups = [_key(group)] if isinstance(group, str | int) else [_key(g) for g in group]
+    _cluster().broadcast(gw.encode_send_group(groups, encode(data), _ids(exclude)))
+
+
+def send_to_uid(uid: str | int | Iterable[str | int], data: Any) -> None:
+    """Send to every connection bound to a uid (or to several uids)."""
+    uids = [_key(uid)] if isinstance(uid, str | int) else [_key(u) for u in uid]
+    _cluster().broadcast(gw.encode_send_uid(uids, encode(data)))
+
+
+def close_client(client_id: int, data: Any = None, *, code: int = 1000) -> None:
+    """Close a client, after an optional last message."""
+    link = _cluster().for_client(client_id)
+    if link is not None:
+        payload = None if data is None else encode(data)
+        link.send_frame(gw.encode_close(int(client_id), payload, code))
+
+
+# Groups and uids
+
+
+def join_group(client_id: int, group: str | int, *, hold: bool = False) -> Awaitable[bool]:
+    """Add a client to a group; await the result to know the join is done (False: offline).
+
+    With ``hold=True`` the client's gateway holds back group and broadcast
+    messages for it until the next message sent to it directly (for instance a
+    snapshot of the group's members), so that the snapshot always comes first.
+    """
+    _flush_session()
+    link = _cluster().for_client(client_id)
+    if link is None:
+        return _done(False)
+    return link.join(int(client_id), _key(group), hold)
+
+
+def leave_group(client_id: int, group: str | int) -> None:
+    link = _cluster().for_client(client_id)
+    if link is not None:
+        link.send_frame(gw.encode_leave(int(client_id), _key(group)))
+
+
+def ungroup(group: str | int) -> None:
+    """Dissolve a group on every gateway (its members stay connected)."""
+    _cluster().broadcast(gw.encode_ungroup(_key(group)))
+
+
+def bind_uid(client_id: int, uid: str | int) -> None:
+    """Bind a client to a user id (one uid per client; a uid may have many clients)."""
+    link = _cluster().for_client(client_id)
+    if link is not None:
+        link.send_frame(gw.encode_bind_uid(int(client_id), _key(uid)))
+
+
+def unbind_uid(client_id: int, uid: str | int) -> None:
+    link = _cluster().for_client(client_id)
+    if link is not None:
+        link.send_frame(gw.encode_unbind_uid(int(client_id), _key(uid)))
+
+
+# Sessions
+
+
+def set_session(client_id: int, session: dict[str, Any]) -> None:
+    """Replace a client's session (from any worker, by client id)."""
+    link = _cluster().for_client(client_id)
+    if link is not None:
+        link.send_frame(gw.encode_set_session(int(client_id), p.pack_session(session)))
+
+
+def update_session(client_id: int, changes: dict[str, Any]) -> None:
+    """Merge keys into a client's session."""
+    link = _cluster().for_client(client_id)
+    if link is not None:
+        link.send_frame(gw.encode_update_session(int(client_id), p.pack_session(changes)))
+
+
+# Queries
+
+
+async def is_online(client_id: int) -> bool:
+    return bool(await _ask_client(client_id, p.Q_IS_ONLINE, False))
+
+
+async def get_session(client_id: int) -> dict[str, Any] | None:
+    packed = await _ask_client(client_id, p.Q_SESSION, None)
+    return None if packed is None else p.unpack_session(packed)
+
+
+async def get_uid_by_client_id(client_id: int) -> str | None:
+    return await _ask_client(client_id, p.Q_UID, None)
+
+
+async def is_uid_online(uid: str | int) -> bool:
+    return bool(await get_client_ids_by_uid(uid))
+
+
+async def get_client_ids_by_uid(uid: str | int) -> list[int]:
+    return sorted(_concat(await _ask_all(p.Q_UID_CLIENTS, _key(uid))))
+
+
+async def get_client_sessions_by_group(group: str | int) -> dict[int, dict[str, Any]]:
+    pairs = _concat(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))
+    return {cid: p.unpack_session(packed) for cid, packed in sorted(pairs)}
+
+
+async def get_client_ids_by_group(group: str | int) -> list[int]:
+    return sorted(_concat(await _ask_all(p.Q_GROUP_CLIENTS, _key(group))))
+
+
+async def get_uids_by_group(group: str | int) -> list[str]:
+    return sorted(set(_concat(await _ask_all(p.Q_GROUP_UIDS, _key(group)))))
+
+
+async def get_client_count_by_group(group: str | int) -> int:
+    return sum(n or 0 for n in await _ask_all(p.Q_GROUP_COUNT, _key(group)))
+
+
+async def get_all_group_ids() -> list[str]:
+    return sorted(set(_concat(await _ask_all(p.Q_GROUPS))))
+
+
+async def get_all_client_count() -> int:
+    return sum(n or 0 for n in await _ask_all(p.Q_COUNT))
+
+
+async def get_all_client_sessions() -> dict[int, dict[str, Any]]:
+    pairs = _concat(await _ask_all(p.Q_ALL_SESSIONS))
+    return {cid: p.unpack_session(packed) for cid, packed in sorted(pairs)}
+
+
+async def _ask_client(client_id: int, kind: str, offline: Any) -> Any:
+    _flush_session()
+    link = _cluster().for_client(client_id)
+    if link is None:
+        return offline
+    return await link.query(kind, int(client_id))
+
+
+async def _ask_all(kind: str, *args: Any) -> list[Any]:
+    """Ask every gateway; a gateway that does not answer in time counts as empty."""
+    _flush_session()
+    links = _cluster().all()
+    if not links:
+        return []
+    answers = await asyncio.gather(
+        *(link.query(kind, *args) for link in links), return_exceptions=True
+    )
+    return [None if isinstance(a, BaseException) else a for a in answers]
+
+
+def _concat(answers: list[Any]) -> list[Any]:
+    return [item for answer in answers if answer for item in answer]
+
+
+def _done(value: Any) -> asyncio.Future[Any]:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future

@@ -1,0 +1,185 @@
+"""The worker's dispatch: client events -> application callbacks, in order per client.
+
+Plain callbacks run inline (no task); an ``async def`` callback becomes a task,
+and while it runs the same client's later events wait behind it, so every
+client's events are handled in order while other clients go on.
+
+A callback that raises is logged with its client id; the event still counts as
+handled, nothing else is touched, and the worker carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from typing import Any
+
+from businessworker import api
+from businessworker.app import App, Request
+from gateway import protocol as p
+from gateway.client import GatewayLink, encode_set_session
+
+log = logging.getLogger("businessworker.dispatch")
+
+EVENT_NAMES = {p.EVENT_CONNECT: "connect", p.EVENT_MESSAGE: "message", p.EVENT_CLOSE: "close"}
+
+
+class Scope:
+    """One callback run: its client, its session, and how to write the session back."""
+
+    __slots__ = ("client_id", "dispatcher", "link", "packed", "session", "version")
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        link: GatewayLink,
+        client_id: int,
+        version: int,
+        packed: bytes,
+        session: dict[str, Any],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.link = link
+        self.client_id = client_id
+        self.version = version
+        self.packed = packed
+        self.session = session
+
+    def flush(self) -> None:
+        """Write the session back to the gateway if the callback changed it."""
+        try:
+            packed = p.pack_session(self.session)
+        except (TypeError, ValueError) as exc:
+            log.error("session not serialisable client=%d error=%r", self.client_id, exc)
+            return
+        if packed != self.packed:
+            self.link.send_frame(encode_set_session(self.client_id, packed))
+            self.packed = packed
+            self.version += 1
+            self.dispatcher.sessions[self.client_id] = (self.version, packed)
+
+
+class Dispatcher:
+    """Runs the app's callbacks for events arriving on any gateway link."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.busy: dict[int, deque[tuple[GatewayLink, list[Any]]]] = {}
+        self.sessions: dict[int, tuple[int, bytes]] = {}
+        """Sessions this worker changed, with their version, until the gateway's
+        copy catches up: an event already in flight carries the older copy."""
+        self.tasks: set[asyncio.Future[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def on_event(self, link: GatewayLink, message: list[Any]) -> None:
+        queue = self.busy.get(message[2])
+        if queue is not None:
+            queue.append((link, message))
+        else:
+            self._run(link, message)
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait until no callback is running (for a clean stop)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def _run(self, link: GatewayLink, message: list[Any]) -> None:
+        op, seq, client_id, version, packed = message[:5]
+        cached = self.sessions.get(client_id)
+        if cached is not None:
+            if cached[0] > version:
+                version, packed = cached
+            else:
+                del self.sessions[client_id]
+        try:
+            session = p.unpack_session(packed)
+        except ValueError:
+            session = {}
+        scope = Scope(self, link, client_id, version, packed, session)
+        token = api._scope.set(scope)
+        try:
+            result = self._call(op, client_id, session, message)
+            if inspect.isawaitable(result):
+                self.busy[client_id] = deque()
+                self._idle.clear()
+                task = asyncio.ensure_future(self._finish_later(result, scope, seq, op))
+                self.tasks.add(task)
+                task.add_done_callback(self._task_done)
+                return
+        except Exception:
+            log.exception("callback failed client=%d event=%s", client_id, EVENT_NAMES.get(op))
+        finally:
+            api._scope.reset(token)
+        self._done(scope, seq, op)
+
+    def _call(self, op: int, client_id: int, session: dict[str, Any], message: list[Any]) -> Any:
+        app = self.app
+        if op == p.EVENT_MESSAGE:
+            return app.on_message(client_id, message[5], session)
+        if op == p.EVENT_CLOSE:
+            return app.on_close(client_id, session)
+        if op == p.EVENT_CONNECT:
+            path, query, headers, peer = message[5]
+            request = Request(path, query, [(k, v) for k, v in headers], peer)
+            first = app.on_connect(client_id, session)
+            if inspect.isawaitable(first):
+                return self._connect_later(first, client_id, request, session)
+            return self._websocket_connect(client_id, request, session)
+        raise ValueError(f"unknown event {op}")
+
+    async def _connect_later(
+        self, first: Any, client_id: int, request: Request, session: dict[str, Any]
+    ) -> None:
+        await first
+        result = self._websocket_connect(client_id, request, session)
+        if inspect.isawaitable(result):
+            await result
+
+    def _websocket_connect(self, client_id: int, request: Request, session: dict[str, Any]) -> Any:
+        verdict = self.app.on_websocket_connect(client_id, request, session)
+        if inspect.isawaitable(verdict):
+            return self._refuse_later(verdict, client_id)
+        if verdict is False:
+            api.close_client(client_id, code=1008)
+        return None
+
+    async def _refuse_later(self, verdict: Any, client_id: int) -> None:
+        if await verdict is False:
+            api.close_client(client_id, code=1008)
+
+    async def _finish_later(self, awaitable: Any, scope: Scope, seq: int, op: int) -> None:
+        try:
+            await awaitable
+        except Exception:
+            log.exception(
+                "callback failed client=%d event=%s", scope.client_id, EVENT_NAMES.get(op)
+            )
+        self._done(scope, seq, op)
+        self._next(scope.client_id)
+
+    def _task_done(self, task: asyncio.Future[None]) -> None:
+        self.tasks.discard(task)
+        if not self.tasks:
+            self._idle.set()
+
+    def _done(self, scope: Scope, seq: int, op: int) -> None:
+        if op == p.EVENT_CLOSE:
+            self.sessions.pop(scope.client_id, None)
+        else:
+            scope.flush()
+        scope.link.ack(seq)
+
+    def _next(self, client_id: int) -> None:
+        queue = self.busy.pop(client_id, None)
+        while queue:
+            link, message = queue.popleft()
+            self._run(link, message)
+            if client_id in self.busy:  # went async again: the rest waits behind it
+                self.busy[client_id].extend(queue)
+                return

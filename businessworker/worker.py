@@ -1,0 +1,129 @@
+"""The business worker process: learns the gateways, links to each, runs the app."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import zmq.asyncio
+
+from businessworker import api
+from businessworker.app import App, WorkerInfo
+from businessworker.dispatch import Dispatcher
+from businessworker.links import GatewayLinks
+from gateway import protocol as gateway_protocol
+from register import protocol as register_protocol
+from register.client import RegisterClient
+
+log = logging.getLogger("businessworker")
+
+STOP_TIMEOUT = 10.0
+"""Seconds a stopping worker waits for running callbacks to finish."""
+
+
+class Worker:
+    """Stateless: every client fact lives on the gateways, so a worker can die any time."""
+
+    def __init__(
+        self, app: App, registers: Sequence[str], *, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
+        self.app = app
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.id = uuid.uuid4().hex[:12]
+        self.started = time.time()
+        self.info = WorkerInfo(self.id, app.name)
+        self.dispatcher = Dispatcher(app)
+        self.links = GatewayLinks(self.ctx, self.id, self._hello, self.dispatcher.on_event)
+        self.register = RegisterClient(registers, self._beat, self._from_register, ctx=self.ctx)
+        self._stopping = asyncio.Event()
+        self.failed = False
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a task for the life of the process; if it fails, stop rather than limp on."""
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._crashed)
+        return task
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("background task failed, stopping", exc_info=task.exception())
+            self.failed = True
+            self.stop()
+
+    async def run(self) -> None:
+        api.bind(self.links)
+        await _maybe_await(self.app.on_worker_start(self.info))
+        log.info("worker started id=%s app=%s pid=%d", self.id, self.app.name, os.getpid())
+        tasks = [
+            self._background(self.register.run()),
+            self._background(self._heartbeat()),
+        ]
+        try:
+            await self._stopping.wait()
+            await self._drain()
+            await _maybe_await(self.app.on_worker_stop(self.info))
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.register.bye(self.id)
+            self.register.close()
+            self.links.close()
+            api.bind(None)
+            log.info("worker stopped id=%s", self.id)
+
+    async def _drain(self) -> None:
+        """Tell every gateway we stop, finish what was already sent to us, ack it."""
+        byes = [link.bye() for link in self.links.all()]
+        if byes:
+            _, late = await asyncio.wait(byes, timeout=5)
+            if late:
+                log.warning("gateways did not confirm our stop count=%d", len(late))
+        if not await self.dispatcher.idle(STOP_TIMEOUT):
+            log.warning(
+                "stopping with callbacks still running count=%d", len(self.dispatcher.tasks)
+            )
+        for link in self.links.all():
+            link.flush_acks()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(gateway_protocol.HEARTBEAT)
+            hello = gateway_protocol.pack(self._hello())
+            self.links.broadcast(hello)
+
+    def _hello(self) -> list[Any]:
+        return [gateway_protocol.HELLO, self.id, {"id": self.id, "pid": os.getpid()}]
+
+    def _beat(self) -> list[Any]:
+        return [
+            register_protocol.WORKER,
+            {
+                "id": self.id,
+                "started": self.started,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "app": self.app.name,
+                "gateways": len(self.links),
+            },
+        ]
+
+    def _from_register(self, index: int, message: list[Any]) -> None:
+        if message[0] == register_protocol.GATEWAYS:
+            self.links.update(index, message[2], message[3])
+        elif message[0] == register_protocol.PONG:
+            self.links.heard_from(index)
+
+
+async def _maybe_await(result: Any) -> None:
+    if inspect.isawaitable(result):
+        await result

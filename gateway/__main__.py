@@ -1,0 +1,64 @@
+"""``python -m gateway``: run one gateway process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import uvloop
+
+from gateway.server import Gateway, GatewayConfig
+from register import protocol as register_protocol
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser.add_argument("--listen", default="0.0.0.0:7272", help="client WebSocket HOST:PORT")
+    parser.add_argument(
+        "--internal", default="tcp://127.0.0.1:*", help="ZeroMQ bind address for workers"
+    )
+    parser.add_argument("--advertise", help="address workers connect to, if not --internal")
+    parser.add_argument(
+        "--register",
+        action="append",
+        help=f"register address, repeatable (default {register_protocol.DEFAULT_ADDRESS})",
+    )
+    parser.add_argument("--max-message-size", type=int, default=64 * 1024)
+    parser.add_argument("--max-send-buffer", type=int, default=1024 * 1024)
+    parser.add_argument("--max-waiting", type=int, default=10_000)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    # websockets logs every connection open/close at INFO: far too chatty for a gateway.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    host, _, port = args.listen.rpartition(":")
+    config = GatewayConfig(
+        host=host or "0.0.0.0",
+        port=int(port),
+        internal=args.internal,
+        advertise=args.advertise,
+        registers=args.register or [register_protocol.DEFAULT_ADDRESS],
+        max_message_size=args.max_message_size,
+        max_send_buffer=args.max_send_buffer,
+        max_waiting=args.max_waiting,
+    )
+    return uvloop.run(_run(config))
+
+
+async def _run(config: GatewayConfig) -> int:
+    gateway = Gateway(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gateway.stop)
+    await gateway.run()
+    return 1 if gateway.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The small client that speaks the gateway's protocol: one worker's link to one gateway.
+
+Commands are encoded by the module-level ``encode_*`` functions, so that a
+command meant for every gateway (a broadcast) is packed once and the same
+bytes are sent down every link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from gateway import protocol as p
+
+log = logging.getLogger("gateway.client")
+
+BATCH = 2000
+QUERY_TIMEOUT = 3.0
+
+Data = str | bytes
+
+
+def encode_send(client_ids: list[int], data: Data) -> bytes:
+    return p.pack([p.SEND, client_ids, data])
+
+
+def encode_send_all(data: Data, exclude: list[int]) -> bytes:
+    return p.pack([p.SEND_ALL, data, exclude])
+
+
+def encode_send_group(groups: list[str], data: Data, exclude: list[int]) -> bytes:
+    return p.pack([p.SEND_GROUP, groups, data, exclude])
+
+
+def encode_send_uid(uids: list[str], data: Data) -> bytes:
+    return p.pack([p.SEND_UID, uids, data])
+
+
+def encode_close(client_id: int, data: Data | None, code: int) -> bytes:
+    return p.pack([p.CLOSE, client_id, data, code])
+
+
+def encode_leave(client_id: int, group: str) -> bytes:
+    return p.pack([p.LEAVE, client_id, group])
+
+
+def encode_ungroup(group: str) -> bytes:
+    return p.pack([p.UNGROUP, group])
+
+
+def encode_bind_uid(client_id: int, uid: str) -> bytes:
+    return p.pack([p.BIND_UID, client_id, uid])
+
+
+def encode_unbind_uid(client_id: int, uid: str) -> bytes:
+    return p.pack([p.UNBIND_UID, client_id, uid])
+
+
+def encode_set_session(client_id: int, packed_session: bytes) -> bytes:
+    return p.pack([p.SET_SESSION, client_id, packed_session])
+
+
+def encode_update_session(client_id: int, packed_changes: bytes) -> bytes:
+    return p.pack([p.UPDATE_SESSION, client_id, packed_changes])
+
+
+EventHandler = Callable[["GatewayLink", list[Any]], None]
+
+
+class GatewayLink:
+    """A DEALER socket to one gateway: commands and queries out, client events in."""
+
+    _req_ids = itertools.count(1)
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        gateway_id: str,
+        address: str,
+        worker_id: str,
+        on_event: EventHandler,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.address = address
+        self.on_event = on_event
+        self._asock = ctx.socket(zmq.DEALER)
+        self._asock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+        self._asock.setsockopt(zmq.LINGER, 2000)
+        self._asock.setsockopt(zmq.SNDHWM, 0)
+        self._asock.setsockopt(zmq.RCVHWM, 0)
+        self._asock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._asock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self._asock.connect(address)
+        self._sock = zmq.Socket.shadow(self._asock.underlying)
+        self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._acks: list[int] = []
+        self._ack_scheduled = False
+        self._bye_ok: asyncio.Future[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def start(self, hello: list[Any]) -> None:
+        self.send_frame(p.pack(hello))
+        self._reader = asyncio.create_task(self._read())
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"link to gateway {self.gateway_id} closed"))
+        self._replies.clear()
+        self._asock.close(linger=1000)
+
+    # Out
+
+    def send_frame(self, frame: bytes) -> None:
+        self._sock.send(frame, zmq.NOBLOCK)
+
+    def ack(self, seq: int) -> None:
+        """Acknowledge a handled event; acks leave in one message per loop turn."""
+        self._acks.append(seq)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_acks)
+
+    def flush_acks(self) -> None:
+        self._ack_scheduled = False
+        if self._acks:
+            acks, self._acks = self._acks, []
+            self.send_frame(p.pack([p.ACK, acks]))
+
+    def join(self, client_id: int, group: str, hold: bool) -> asyncio.Future[Any]:
+        req_id = next(self._req_ids)
+        future = self._expect(req_id)
+        self.send_frame(p.pack([p.JOIN, client_id, group, hold, req_id]))
+        return future
+
+    def query(self, kind: str, *args: Any) -> asyncio.Future[Any]:
+        req_id = next(self._req_ids)
+        future = self._expect(req_id)
+        self.send_frame(p.pack([p.QUERY, req_id, kind, list(args)]))
+        return future
+
+    def bye(self) -> asyncio.Future[None]:
+        """Ask the gateway to route nothing new here; resolves when it agreed."""
+        self._bye_ok = asyncio.get_running_loop().create_future()
+        self.send_frame(p.pack([p.BYE]))
+        return self._bye_ok
+
+    def _expect(self, req_id: int) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._replies[req_id] = future
+        loop.call_later(QUERY_TIMEOUT, self._time_out, req_id)
+        return future
+
+    def _time_out(self, req_id: int) -> None:
+        future = self._replies.pop(req_id, None)
+        if future is not None and not future.done():
+            future.set_exception(
+                TimeoutError(f"gateway {self.gateway_id} did not answer in {QUERY_TIMEOUT} s")
+            )
+
+    # In
+
+    async def _read(self) -> None:
+        asock, sock = self._asock, self._sock
+        on_event = self.on_event
+        while True:
+            await asock.poll(flags=zmq.POLLIN)
+            for _ in range(BATCH):
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    message = p.unpack(frame)
+                except ValueError as exc:
+                    log.warning("bad message from gateway=%s error=%r", self.gateway_id, exc)
+                    continue
+                op = message[0]
+                if op == p.REPLY:
+                    future = self._replies.pop(message[1], None)
+                    if future is not None and not future.done():
+                        future.set_result(message[2])
+                elif op == p.BYE_OK:
+                    if self._bye_ok is not None and not self._bye_ok.done():
+                        self._bye_ok.set_result(None)
+                elif op != p.PING:
+                    try:
+                        on_event(self, message)
+                    except Exception:
+                        log.exception("event handling failed gateway=%s", self.gateway_id)

@@ -1,0 +1,213 @@
+"""The gateway's command handling: what workers ask a gateway to do.
+
+Every send builds its WebSocket frame once and writes the same bytes to every
+recipient socket; nothing here is done per recipient that can be done once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from gateway import protocol as p
+from gateway.connection import text_frame
+
+if TYPE_CHECKING:
+    from gateway.clients import ClientTable
+    from gateway.connection import ClientConnection
+    from gateway.workers import WorkerPool
+
+log = logging.getLogger("gateway.commands")
+
+
+def _frame(data: str | bytes) -> bytes:
+    return text_frame(data, binary=isinstance(data, bytes))
+
+
+class Commands:
+    """Executes worker messages against the client table."""
+
+    def __init__(self, clients: ClientTable, pool: WorkerPool, sock: zmq.Socket) -> None:
+        self.clients = clients
+        self.pool = pool
+        self.sock = sock
+        self._handlers: dict[int, Callable[[bytes, list[Any]], None]] = {
+            p.HELLO: self._hello,
+            p.BYE: self._bye,
+            p.ACK: self._ack,
+            p.SEND: self._send,
+            p.SEND_ALL: self._send_all,
+            p.SEND_GROUP: self._send_group,
+            p.SEND_UID: self._send_uid,
+            p.CLOSE: self._close,
+            p.JOIN: self._join,
+            p.LEAVE: self._leave,
+            p.UNGROUP: self._ungroup,
+            p.BIND_UID: self._bind_uid,
+            p.UNBIND_UID: self._unbind_uid,
+            p.SET_SESSION: self._set_session,
+            p.UPDATE_SESSION: self._update_session,
+            p.QUERY: self._query,
+        }
+        self._queries: dict[str, Callable[..., Any]] = {
+            p.Q_IS_ONLINE: lambda cid: cid in self.clients.clients,
+            p.Q_SESSION: self._q_session,
+            p.Q_UID: lambda cid: getattr(self.clients.get(cid), "uid", None),
+            p.Q_UID_CLIENTS: lambda uid: list(self.clients.of_uid(uid)),
+            p.Q_GROUP_SESSIONS: lambda g: [
+                [cid, c.session] for cid, c in self.clients.members(g).items()
+            ],
+            p.Q_GROUP_CLIENTS: lambda g: list(self.clients.members(g)),
+            p.Q_GROUP_UIDS: lambda g: list(
+                {c.uid for c in self.clients.members(g).values() if c.uid is not None}
+            ),
+            p.Q_GROUP_COUNT: lambda g: len(self.clients.members(g)),
+            p.Q_GROUPS: lambda: list(self.clients.groups),
+            p.Q_COUNT: lambda: len(self.clients),
+            p.Q_ALL_SESSIONS: lambda: [[c.client_id, c.session] for c in self.clients],
+        }
+
+    def handle(self, worker_id: bytes, frame: bytes) -> None:
+        try:
+            message = p.unpack(frame)
+            handler = self._handlers[message[0]]
+            handler(worker_id, message)
+        except Exception as exc:  # one bad command must not stop the gateway
+            log.warning("bad command from worker=%r error=%r", worker_id, exc)
+
+    def _reply(self, worker_id: bytes, req_id: int, result: Any) -> None:
+        try:
+            self.sock.send_multipart([worker_id, p.pack([p.REPLY, req_id, result])], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("reply lost worker=%r error=%s", worker_id, exc)
+
+    # Worker liveness
+
+    def _hello(self, worker_id: bytes, m: list[Any]) -> None:
+        self.pool.hello(worker_id, m[2] if len(m) > 2 else {})
+
+    def _bye(self, worker_id: bytes, m: list[Any]) -> None:
+        self.pool.bye(worker_id)
+
+    def _ack(self, worker_id: bytes, m: list[Any]) -> None:
+        self.pool.ack(worker_id, m[1])
+
+    # Sends
+
+    def _send(self, worker_id: bytes, m: list[Any]) -> None:
+        frame = _frame(m[2])
+        get = self.clients.clients.get
+        for cid in m[1]:
+            conn = get(cid)
+            if conn is not None:
+                conn.write_direct(frame)
+
+    def _send_all(self, worker_id: bytes, m: list[Any]) -> None:
+        frame = _frame(m[1])
+        exclude = m[2]
+        if exclude:
+            skip = set(exclude)
+            for cid, conn in self.clients.clients.items():
+                if cid not in skip:
+                    conn.write(frame)
+        else:
+            for conn in self.clients.clients.values():
+                conn.write(frame)
+
+    def _send_group(self, worker_id: bytes, m: list[Any]) -> None:
+        groups, data, exclude = m[1], m[2], m[3]
+        members: dict[int, ClientConnection]
+        if len(groups) == 1:
+            members = self.clients.members(groups[0])
+        else:
+            members = {}
+            for group in groups:
+                members.update(self.clients.members(group))
+        if not members:
+            return
+        frame = _frame(data)
+        if exclude:
+            skip = set(exclude)
+            for cid, conn in list(members.items()):
+                if cid not in skip:
+                    conn.write(frame)
+        else:
+            for conn in list(members.values()):
+                conn.write(frame)
+
+    def _send_uid(self, worker_id: bytes, m: list[Any]) -> None:
+        targets = [c for uid in m[1] for c in self.clients.of_uid(uid).values()]
+        if targets:
+            frame = _frame(m[2])
+            for conn in targets:
+                conn.write_direct(frame)
+
+    def _close(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is None:
+            return
+        if m[2] is not None:
+            conn.write_direct(_frame(m[2]))
+        conn.close(m[3] if len(m) > 3 else 1000)
+
+    # Groups, uids, sessions
+
+    def _join(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is not None:
+            self.clients.join(conn, m[2])
+            if m[3]:
+                conn.hold_until_direct()
+        if m[4] is not None:
+            self._reply(worker_id, m[4], conn is not None)
+
+    def _leave(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is not None:
+            self.clients.leave(conn, m[2])
+
+    def _ungroup(self, worker_id: bytes, m: list[Any]) -> None:
+        self.clients.ungroup(m[1])
+
+    def _bind_uid(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is not None:
+            self.clients.bind_uid(conn, m[2])
+
+    def _unbind_uid(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is not None:
+            self.clients.unbind_uid(conn, m[2])
+
+    def _set_session(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is not None:
+            p.unpack_session(m[2])  # refuse anything that is not a packed dict
+            conn.session = m[2]
+            conn.session_version += 1
+
+    def _update_session(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is not None:
+            session = p.unpack_session(conn.session)
+            session.update(p.unpack_session(m[2]))
+            conn.session = p.pack_session(session)
+            conn.session_version += 1
+
+    # Queries
+
+    def _query(self, worker_id: bytes, m: list[Any]) -> None:
+        req_id, kind, args = m[1], m[2], m[3]
+        try:
+            result = self._queries[kind](*args)
+        except Exception as exc:
+            log.warning("bad query kind=%r error=%r", kind, exc)
+            result = None
+        self._reply(worker_id, req_id, result)
+
+    def _q_session(self, cid: int) -> bytes | None:
+        conn = self.clients.get(cid)
+        return None if conn is None else conn.session

@@ -1,0 +1,129 @@
+"""The gateway's internal wire protocol, spoken with business workers.
+
+One ZeroMQ ROUTER socket per gateway; each worker links with one DEALER whose
+routing id is the worker id. Every message is one msgpack frame holding a list
+whose first item is an opcode. One link carries messages in order both ways,
+which is what gives per-worker command ordering.
+
+Worker -> gateway
+    [HELLO, worker_id, info]            first message and every heartbeat
+    [BYE]                               worker is stopping: route no new events to it
+    [ACK, [seq, ...]]                   these events were handled
+    [SEND, [client_id, ...], data]      data: str -> text frame, bytes -> binary frame
+    [SEND_ALL, data, [exclude, ...]]
+    [SEND_GROUP, [group, ...], data, [exclude, ...]]
+    [SEND_UID, [uid, ...], data]
+    [CLOSE, client_id, data | None, code]
+    [JOIN, client_id, group, hold, req_id]      answered with REPLY (True, or False if unknown)
+    [LEAVE, client_id, group]
+    [UNGROUP, group]
+    [BIND_UID, client_id, uid]
+    [UNBIND_UID, client_id, uid]
+    [SET_SESSION, client_id, packed_session]
+    [UPDATE_SESSION, client_id, packed_changes]
+    [QUERY, req_id, kind, args]                 answered with REPLY
+
+Gateway -> worker
+    [EVENT_CONNECT, seq, client_id, version, session, request]
+    [EVENT_MESSAGE, seq, client_id, version, session, data]
+    [EVENT_CLOSE, seq, client_id, version, session]
+    [REPLY, req_id, result]
+    [BYE_OK]                            after this no event of this gateway follows
+    [PING]                              liveness probe; ignored
+
+``session`` is the msgpack encoding of the client's session dict, kept packed
+by the gateway (it never needs to look inside) and versioned: ``version`` grows
+by one for each change, which lets a worker tell a stale copy from a fresh one.
+``request`` is [path, query, [[name, value], ...], peer].
+Events carry a sequence number so that a gateway can hand the unacknowledged
+ones of a dead worker to another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+HELLO = 1
+BYE = 2
+ACK = 3
+SEND = 10
+SEND_ALL = 11
+SEND_GROUP = 12
+SEND_UID = 13
+CLOSE = 14
+JOIN = 20
+LEAVE = 21
+UNGROUP = 22
+BIND_UID = 23
+UNBIND_UID = 24
+SET_SESSION = 25
+UPDATE_SESSION = 26
+QUERY = 30
+
+EVENT_CONNECT = 100
+EVENT_MESSAGE = 101
+EVENT_CLOSE = 102
+REPLY = 110
+BYE_OK = 111
+PING = 112
+
+# Query kinds: [QUERY, req_id, kind, args]
+Q_IS_ONLINE = "is_online"  # [client_id] -> bool
+Q_SESSION = "session"  # [client_id] -> packed session | None
+Q_UID = "uid"  # [client_id] -> uid | None
+Q_UID_CLIENTS = "uid_clients"  # [uid] -> [client_id, ...]
+Q_GROUP_SESSIONS = "group_sessions"  # [group] -> [[client_id, packed session], ...]
+Q_GROUP_CLIENTS = "group_clients"  # [group] -> [client_id, ...]
+Q_GROUP_UIDS = "group_uids"  # [group] -> [uid, ...]
+Q_GROUP_COUNT = "group_count"  # [group] -> int
+Q_GROUPS = "groups"  # [] -> [group, ...]
+Q_COUNT = "count"  # [] -> int
+Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, packed session], ...]
+QUERIES = frozenset(
+    {
+        Q_IS_ONLINE,
+        Q_SESSION,
+        Q_UID,
+        Q_UID_CLIENTS,
+        Q_GROUP_SESSIONS,
+        Q_GROUP_CLIENTS,
+        Q_GROUP_UIDS,
+        Q_GROUP_COUNT,
+        Q_GROUPS,
+        Q_COUNT,
+        Q_ALL_SESSIONS,
+    }
+)
+
+HEARTBEAT = 1.0
+"""Seconds between two HELLOs of a worker on each of its links."""
+
+WORKER_EXPIRY = 3.5
+"""A worker silent for this long is dead to the gateway, even if ZeroMQ did not notice."""
+
+EMPTY_SESSION = b"\x80"
+"""msgpack of {}"""
+
+
+def pack(message: list[Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> list[Any]:
+    message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    if not isinstance(message, list) or not message or not isinstance(message[0], int):
+        raise ValueError("not a gateway protocol message")
+    return message
+
+
+def pack_session(session: dict[str, Any]) -> bytes:
+    return msgpack.packb(session, use_bin_type=True)
+
+
+def unpack_session(packed: bytes) -> dict[str, Any]:
+    session = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    if not isinstance(session, dict):
+        raise ValueError("a session must be a dict")
+    return session

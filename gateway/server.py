@@ -1,0 +1,245 @@
+"""The gateway process: client WebSockets outside, business workers inside."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.asyncio
+from websockets.http11 import Request
+
+from gateway import protocol
+from gateway.clients import ClientTable
+from gateway.commands import Commands
+from gateway.connection import ClientConnection
+from gateway.ids import IdAllocator, fresh_prefix
+from gateway.workers import WorkerPool
+from register import protocol as register_protocol
+from register.client import RegisterClient
+
+log = logging.getLogger("gateway")
+
+BATCH = 2000
+"""Worker messages handled per wake-up before the loop gets a turn."""
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "0.0.0.0"
+    port: int = 7272
+    internal: str = "tcp://127.0.0.1:*"
+    """ZeroMQ bind address for workers; ``*`` as port picks a free one."""
+    advertise: str | None = None
+    """Address workers should connect to, when it differs from the bind address."""
+    registers: Sequence[str] = field(default_factory=lambda: [register_protocol.DEFAULT_ADDRESS])
+    max_message_size: int = 64 * 1024
+    max_send_buffer: int = 1024 * 1024
+    max_waiting: int = 10_000
+    flood_limit: int = 100
+    reuse_port: bool = True
+
+
+class Gateway:
+    """Holds client connections and carries out the workers' commands."""
+
+    def __init__(self, config: GatewayConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.config = config
+        self.max_message_size = config.max_message_size
+        self.max_send_buffer = config.max_send_buffer
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.id = os.urandom(6).hex()
+        self.started = time.time()
+        self.ids = IdAllocator(fresh_prefix())
+        self.clients = ClientTable()
+        self.stats_slow_closed = 0
+        self._accepted = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.failed = False
+        self._server: asyncio.AbstractServer | None = None
+
+    # Client side, called by ClientConnection
+
+    def opened(self, conn: ClientConnection, request: Request) -> None:
+        conn.client_id = self.ids.next()
+        self.clients.add(conn)
+        url = urlsplit(request.path)
+        peer = conn.transport.get_extra_info("peername")
+        info = [
+            url.path,
+            url.query,
+            [[k, v] for k, v in request.headers.raw_items()],
+            f"{peer[0]}:{peer[1]}" if peer else "",
+        ]
+        self.pool.event(conn, protocol.EVENT_CONNECT, info)
+
+    def received(self, conn: ClientConnection, message: str | bytes) -> None:
+        self.pool.event(conn, protocol.EVENT_MESSAGE, message)
+
+    def closed(self, conn: ClientConnection) -> None:
+        self.clients.remove(conn)
+        self.pool.event(conn, protocol.EVENT_CLOSE)
+
+    # Lifecycle
+
+    async def run(self) -> None:
+        asock = self.ctx.socket(zmq.ROUTER)
+        asock.setsockopt(zmq.LINGER, 1000)
+        asock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        asock.setsockopt(zmq.SNDHWM, 0)
+        asock.setsockopt(zmq.RCVHWM, 0)
+        asock.bind(self.config.internal)
+        self.address = self.config.advertise or asock.getsockopt_string(zmq.LAST_ENDPOINT)
+        sock = zmq.Socket.shadow(asock.underlying)
+        self.pool = WorkerPool(
+            sock, max_waiting=self.config.max_waiting, flood_limit=self.config.flood_limit
+        )
+        self.commands = Commands(self.clients, self.pool, sock)
+        monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.register = RegisterClient(
+            self.config.registers, self._beat, self._from_register, ctx=self.ctx
+        )
+        tasks = [
+            self._background(self.register.run()),
+            self._background(self._watch(monitor)),
+            self._background(self._expire_workers()),
+        ]
+        log.info("gateway starting id=%s internal=%s", self.id, self.address)
+        try:
+            if not await self._wait_accepted():
+                return
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: ClientConnection(self),
+                self.config.host,
+                self.config.port,
+                reuse_port=self.config.reuse_port,
+                backlog=4096,
+            )
+            log.info(
+                "gateway listening id=%s ws=%s:%d pid=%d",
+                self.id,
+                self.config.host,
+                self.config.port,
+                os.getpid(),
+            )
+            reader = self._background(self._read_workers(asock, sock))
+            await self._stopping.wait()
+            await self._drain_clients()
+            reader.cancel()
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.register.bye(self.id)
+            self.register.close()
+            asock.disable_monitor()
+            monitor.close(linger=0)
+            asock.close(linger=1000)
+            log.info("gateway stopped id=%s", self.id)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a task for the life of the process; if it fails, stop rather than limp on."""
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._crashed)
+        return task
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("background task failed, stopping", exc_info=task.exception())
+            self.failed = True
+            self.stop()
+
+    async def _wait_accepted(self) -> bool:
+        """Listen only once a register accepted our id prefix (ids must be unique)."""
+        waiter = asyncio.create_task(self._accepted.wait())
+        stopper = asyncio.create_task(self._stopping.wait())
+        while not self._accepted.is_set() and not self._stopping.is_set():
+            done, _ = await asyncio.wait(
+                {waiter, stopper}, timeout=5, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                log.warning("waiting for a register registers=%s", list(self.config.registers))
+        waiter.cancel()
+        stopper.cancel()
+        return self._accepted.is_set() and not self._stopping.is_set()
+
+    async def _drain_clients(self) -> None:
+        """Stop accepting, tell every client to go elsewhere (1001), wait a little."""
+        if self._server is not None:
+            self._server.close()
+        conns = list(self.clients)
+        for conn in conns:
+            conn.close(1001, "gateway stopping")
+        deadline = time.monotonic() + 3
+        while len(self.clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Give the close events a moment on the wire to the workers.
+        await asyncio.sleep(0.1)
+
+    # Workers side
+
+    async def _read_workers(self, asock: zmq.asyncio.Socket, sock: zmq.Socket) -> None:
+        handle = self.commands.handle
+        while True:
+            await asock.poll(flags=zmq.POLLIN)
+            for _ in range(BATCH):
+                try:
+                    worker_id, frame = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ValueError:
+                    continue
+                handle(worker_id, frame)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """A dropped TCP link means a worker may be gone: probe them all at once."""
+        while True:
+            await monitor.recv_multipart()
+            self.pool.probe()
+
+    async def _expire_workers(self) -> None:
+        while True:
+            await asyncio.sleep(protocol.HEARTBEAT)
+            self.pool.expire(time.monotonic())
+
+    # Register side
+
+    def _beat(self) -> list[Any]:
+        return [
+            register_protocol.GATEWAY,
+            {
+                "id": self.id,
+                "address": self.address,
+                "prefixes": self.ids.prefixes,
+                "started": self.started,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "connections": len(self.clients),
+                "workers": self.pool.live,
+            },
+        ]
+
+    def _from_register(self, index: int, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == register_protocol.ACCEPTED:
+            if self.ids.prefix in message[1] and not self._accepted.is_set():
+                log.info("register accepted id prefix=%d", self.ids.prefix)
+                self._accepted.set()
+        elif kind == register_protocol.CONFLICT:
+            prefix = message[1]
+            if prefix == self.ids.prefix:
+                self.ids.renew(after=prefix)
+                log.info("prefix taken, claiming another old=%d new=%d", prefix, self.ids.prefix)
+            elif prefix in self.ids.retired:
+                self.ids.retired.remove(prefix)
+                log.error("lost an id prefix still in use prefix=%d", prefix)
+            self.register.beat_now()

@@ -1,0 +1,232 @@
+"""The business workers linked to one gateway, and how client events reach them.
+
+Rules, in the order they are applied to each client event:
+
+1. Ordering: a client is bound to one worker while that worker lives, and its
+   events go to it in order. Events wait in a bounded gateway-wide queue while
+   no worker is linked (clients stay connected meanwhile).
+2. Nothing accepted is lost: an event stays "unacked" until the worker says it
+   was handled. When a worker dies (ZeroMQ drops its link, or it goes silent)
+   its unacked events go, in their original order, to the workers that take over
+   its clients. Delivery is therefore at least once.
+3. A stopping worker says BYE and is sent nothing new; a client still busy on
+   it is parked (its new events wait) until its last event there is acked, so
+   a rolling restart keeps each client's events in order.
+4. Floods: a client with too many unacked events is not read from (TCP
+   backpressure) until the workers catch up; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from gateway import protocol
+
+if TYPE_CHECKING:
+    from gateway.connection import ClientConnection
+
+log = logging.getLogger("gateway.workers")
+
+Item = tuple[int, int, Any]
+"""(seq, opcode, payload) of a client event; packed with the current session when sent."""
+
+
+class WorkerLink:
+    """What the gateway knows of one linked worker."""
+
+    __slots__ = ("draining", "id", "info", "last_seen", "unacked")
+
+    def __init__(self, worker_id: bytes, info: dict[str, Any]) -> None:
+        self.id = worker_id
+        self.info = info
+        self.last_seen = time.monotonic()
+        self.draining = False
+        self.unacked: dict[int, tuple[ClientConnection, Item]] = {}
+
+
+class WorkerPool:
+    """Routes client events to workers; see the module docstring for the rules."""
+
+    def __init__(self, sock: zmq.Socket, *, max_waiting: int, flood_limit: int) -> None:
+        self.sock = sock
+        self.max_waiting = max_waiting
+        self.flood_limit = flood_limit
+        self.workers: dict[bytes, WorkerLink] = {}
+        self._ring: list[bytes] = []
+        self._turn = 0
+        self._seq = 0
+        self.waiting: deque[tuple[ClientConnection, Item]] = deque()
+        self.parked: dict[int, tuple[ClientConnection, list[Item]]] = {}
+        self.refused = 0
+        """events refused because the waiting queue was full"""
+
+    @property
+    def live(self) -> int:
+        return len(self._ring)
+
+    # Events from clients
+
+    def event(self, conn: ClientConnection, opcode: int, payload: Any = None) -> None:
+        self._seq += 1
+        self._route(conn, (self._seq, opcode, payload))
+
+    def _route(self, conn: ClientConnection, item: Item) -> None:
+        if self.waiting:
+            self._wait(conn, item)
+            return
+        parked = self.parked.get(conn.client_id)
+        if parked is not None:
+            parked[1].append(item)
+            return
+        worker = self.workers.get(conn.worker) if conn.worker is not None else None
+        if worker is None or worker.draining:
+            if worker is not None and conn.pending > 0:
+                self.parked[conn.client_id] = (conn, [item])
+                return
+            worker = self._choose()
+            if worker is None:
+                self._wait(conn, item)
+                return
+            conn.worker = worker.id
+        self._send(worker, conn, item)
+
+    def _choose(self) -> WorkerLink | None:
+        if not self._ring:
+            return None
+        self._turn = (self._turn + 1) % len(self._ring)
+        return self.workers[self._ring[self._turn]]
+
+    def _send(self, worker: WorkerLink, conn: ClientConnection, item: Item) -> None:
+        seq, opcode, payload = item
+        message = [opcode, seq, conn.client_id, conn.session_version, conn.session]
+        if opcode != protocol.EVENT_CLOSE:
+            message.append(payload)
+        try:
+            self.sock.send_multipart([worker.id, protocol.pack(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            self.lost(worker.id, "unreachable")
+            self._route(conn, item)
+            return
+        worker.unacked[seq] = (conn, item)
+        conn.pending += 1
+        if conn.pending == self.flood_limit:
+            conn.pause()
+
+    def _wait(self, conn: ClientConnection, item: Item) -> None:
+        if len(self.waiting) >= self.max_waiting and item[1] != protocol.EVENT_CLOSE:
+            # Closing is the one honest answer: the client learns it was not
+            # served (1013 "try again later") instead of its message vanishing.
+            self.refused += 1
+            log.warning("no worker and queue full, closing client=%d", conn.client_id)
+            conn.close(1013, "no worker available")
+            return
+        if not self.waiting:
+            log.warning("no worker linked, queueing events")
+        self.waiting.append((conn, item))
+
+    def _release_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, deque()
+        if waiting:
+            log.info("worker available, releasing queued events count=%d", len(waiting))
+        for conn, item in waiting:
+            self._route(conn, item)
+
+    # Messages from workers
+
+    def hello(self, worker_id: bytes, info: dict[str, Any]) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = WorkerLink(worker_id, info)
+            self.workers[worker_id] = worker
+            self._ring.append(worker_id)
+            log.info("worker linked worker=%s", info.get("id", worker_id))
+            self._release_waiting()
+        worker.last_seen = time.monotonic()
+
+    def bye(self, worker_id: bytes) -> None:
+        """A worker is stopping: route nothing new to it, tell it so."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.draining:
+            return
+        worker.draining = True
+        self._ring.remove(worker_id)
+        log.info("worker draining worker=%s unacked=%d", worker.info.get("id"), len(worker.unacked))
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send_multipart([worker_id, protocol.pack([protocol.BYE_OK])], zmq.NOBLOCK)
+
+    def ack(self, worker_id: bytes, seqs: list[int]) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        worker.last_seen = time.monotonic()
+        unacked = worker.unacked
+        resume_at = self.flood_limit // 2
+        for seq in seqs:
+            entry = unacked.pop(seq, None)
+            if entry is None:
+                continue
+            conn = entry[0]
+            conn.pending -= 1
+            if conn.pending == resume_at:
+                conn.resume()
+            if conn.pending == 0 and conn.client_id in self.parked:
+                self._unpark(conn.client_id)
+
+    def _unpark(self, client_id: int) -> None:
+        conn, items = self.parked.pop(client_id)
+        for item in items:
+            self._route(conn, item)
+
+    # Liveness
+
+    def lost(self, worker_id: bytes, why: str) -> None:
+        """Forget a dead worker; hand its unacked events and parked clients to others."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return
+        if worker_id in self._ring:
+            self._ring.remove(worker_id)
+        replay = [entry for _, entry in sorted(worker.unacked.items())]
+        log_level = logging.INFO if worker.draining and not replay else logging.WARNING
+        log.log(
+            log_level,
+            "worker gone worker=%s why=%s replayed=%d",
+            worker.info.get("id"),
+            why,
+            len(replay),
+        )
+        for conn, _ in replay:
+            conn.pending -= 1
+        orphans = [cid for cid, (conn, _) in self.parked.items() if conn.worker == worker_id]
+        parked = [self.parked.pop(cid) for cid in orphans]
+        for conn, _ in replay:
+            conn.worker = None
+        for conn, item in replay:
+            self._route(conn, item)
+        for conn, items in parked:
+            conn.worker = None
+            for item in items:
+                self._route(conn, item)
+
+    def probe(self) -> None:
+        """Find links ZeroMQ has dropped: sending to them fails at once."""
+        frame = protocol.pack([protocol.PING])
+        for worker_id in list(self.workers):
+            try:
+                self.sock.send_multipart([worker_id, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.lost(worker_id, "disconnected")
+
+    def expire(self, now: float) -> None:
+        for worker_id, worker in list(self.workers.items()):
+            if now - worker.last_seen > protocol.WORKER_EXPIRY:
+                self.lost(worker_id, "silent")

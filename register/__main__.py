@@ -1,0 +1,76 @@
+"""``python -m register``: run the register, or ``python -m register status``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+
+import uvloop
+
+from register import protocol
+from register.client import fetch_status
+from register.server import Register
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m register", description=__doc__)
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "status"])
+    parser.add_argument("--bind", default=protocol.DEFAULT_ADDRESS, help="ZeroMQ address to bind")
+    parser.add_argument(
+        "--register", default=protocol.DEFAULT_ADDRESS, help="register to ask (status)"
+    )
+    parser.add_argument("--json", action="store_true", help="status as one JSON document")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    if args.command == "status":
+        return uvloop.run(_status(args.register, args.json))
+    return uvloop.run(_run(args.bind))
+
+
+async def _run(bind: str) -> int:
+    register = Register(bind)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, register.stop)
+    await register.run()
+    return 1 if register.failed else 0
+
+
+async def _status(address: str, as_json: bool) -> int:
+    try:
+        status = await fetch_status(address)
+    except TimeoutError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status))
+        return 0
+    now = time.time()
+    print(f"register {status['register']} up {status['uptime']} s")
+    print(f"{len(status['gateways'])} gateway(s)")
+    for g in status["gateways"]:
+        print(
+            f"  {g['id']}  {g['address']}  connections={g['connections']}"
+            f"  workers={g['workers']}  up={now - g['started']:.0f}s"
+            f"  host={g['host']} pid={g['pid']}"
+        )
+    print(f"{len(status['workers'])} worker(s)")
+    for w in status["workers"]:
+        print(
+            f"  {w['id']}  app={w['app']}  gateways={w['gateways']}"
+            f"  up={now - w['started']:.0f}s  host={w['host']} pid={w['pid']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The small client that gateways and workers use to talk to the register(s).
+
+It beats to every register address it was given (several for redundancy) and
+hands each answer to the owner with the index of the register that sent it.
+ZeroMQ reconnects by itself, so a restarted register simply starts hearing the
+beats again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from register import protocol
+
+log = logging.getLogger("register.client")
+
+
+class RegisterClient:
+    """Heartbeats to every register and delivers their answers to ``on_message``."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        beat: Callable[[], list[Any]],
+        on_message: Callable[[int, list[Any]], None],
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        interval: float = protocol.HEARTBEAT,
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one register address is needed")
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.addresses = list(addresses)
+        self.beat = beat
+        self.on_message = on_message
+        self.interval = interval
+        self.last_heard = [0.0] * len(self.addresses)
+        self._socks: list[zmq.asyncio.Socket] = []
+        self._sync: list[zmq.Socket] = []
+        self._wake = asyncio.Event()
+
+    def beat_now(self) -> None:
+        """Send a heartbeat at once instead of at the next tick (after a change)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        poller = zmq.asyncio.Poller()
+        for address in self.addresses:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock.connect(address)
+            self._socks.append(sock)
+            self._sync.append(zmq.Socket.shadow(sock.underlying))
+            poller.register(sock, zmq.POLLIN)
+        index = {sock: i for i, sock in enumerate(self._socks)}
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_beat or self._wake.is_set():
+                self._wake.clear()
+                self._send_all(self.beat())
+                next_beat = now + self.interval
+            timeout = max(0.0, min(next_beat - time.monotonic(), self.interval))
+            ready = await poller.poll(timeout * 1000)
+            for sock, _ in ready:
+                i = index[sock]
+                while True:
+                    try:
+                        frame = self._sync[i].recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.last_heard[i] = time.monotonic()
+                    try:
+                        message = protocol.unpack(frame)
+                    except ValueError as exc:
+                        log.warning("bad answer from register=%s error=%r", self.addresses[i], exc)
+                        continue
+                    self.on_message(i, message)
+
+    def reachable(self, i: int, within: float = 3 * protocol.HEARTBEAT) -> bool:
+        return time.monotonic() - self.last_heard[i] <= within
+
+    def bye(self, member_id: str) -> None:
+        """Tell every register we are leaving (best effort: a dead register needs no goodbye)."""
+        self._send_all([protocol.BYE, member_id])
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close(linger=200)
+        self._socks.clear()
+        self._sync.clear()
+
+    def _send_all(self, message: list[Any]) -> None:
+        frame = protocol.pack(message)
+        for sock in self._sync:
+            # A full queue means the register is unreachable: the next beat will do.
+            with contextlib.suppress(zmq.Again):
+                sock.send(frame, zmq.NOBLOCK)
+
+
+async def fetch_status(address: str, timeout: float = 3.0) -> dict[str, Any]:
+    """Ask one register for its table (the ``status`` command and the tests use this)."""
+    ctx = zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        await sock.send(protocol.pack([protocol.STATUS]))
+        if not await sock.poll(timeout * 1000, zmq.POLLIN):
+            raise TimeoutError(f"no answer from register {address} within {timeout} s")
+        message = protocol.unpack(await sock.recv())
+        return message[1]
+    finally:
+        sock.close(linger=0)

@@ -1,0 +1,57 @@
+"""The register's wire protocol: msgpack lists over ZeroMQ DEALER -> ROUTER.
+
+Every message a gateway or worker sends is a full statement of what it is, sent
+again every heartbeat. A register that restarts with an empty table therefore
+learns the whole cluster back within one heartbeat interval, without anybody
+noticing that it was gone.
+
+    gateway -> register   [GATEWAY, entry]          every HEARTBEAT seconds
+    worker  -> register   [WORKER, entry]           every HEARTBEAT seconds
+    either  -> register   [BYE, id]                 on a clean stop
+    anyone  -> register   [STATUS]                  one-off question
+
+    register -> gateway   [ACCEPTED, prefixes]      prefixes it may use
+                          [CONFLICT, prefix]        prefix owned by an older gateway
+    register -> worker    [GATEWAYS, register_id, settled, [entry, ...]]
+                          [PONG, register_id]       heartbeat answer, nothing changed
+    register -> status    [STATUS, {"gateways": [...], "workers": [...], ...}]
+
+A gateway entry is a dict: id, address, prefixes, started, pid, host,
+connections, workers. A worker entry: id, started, pid, host, app, gateways.
+``settled`` tells a worker that the register has been up long enough to have
+heard from every live gateway, so a gateway missing from its table is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+GATEWAY = "gateway"
+WORKER = "worker"
+BYE = "bye"
+STATUS = "status"
+ACCEPTED = "accepted"
+CONFLICT = "conflict"
+GATEWAYS = "gateways"
+PONG = "pong"
+
+HEARTBEAT = 1.0
+"""Seconds between two heartbeats of a gateway or worker."""
+
+EXPIRY = 3.5
+"""Seconds of silence after which the register drops a gateway or worker."""
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:1236"
+
+
+def pack(message: list[Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> list[Any]:
+    message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    if not isinstance(message, list) or not message or not isinstance(message[0], str):
+        raise ValueError("not a register message")
+    return message

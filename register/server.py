@@ -1,0 +1,166 @@
+"""The register process: one ROUTER socket, one table, pushes to workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from register import protocol
+from register.table import Table
+
+log = logging.getLogger("register")
+
+SETTLE = protocol.EXPIRY
+"""After this long up, every live gateway has beaten at least once."""
+
+
+class Register:
+    """Keeps the table of gateways and tells every worker when it changes."""
+
+    def __init__(self, bind: str, *, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.bind = bind
+        self.id = uuid.uuid4().hex[:12]
+        self.started = time.monotonic()
+        self.table = Table(expiry=protocol.EXPIRY)
+        self.worker_routes: dict[str, bytes] = {}
+        self._pushed_version = -1
+        self._was_settled = False
+        self._stopping = asyncio.Event()
+        self.failed = False
+
+    @property
+    def settled(self) -> bool:
+        return time.monotonic() - self.started >= SETTLE
+
+    async def run(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.bind(self.bind)
+        self.sock = zmq.Socket.shadow(sock.underlying)
+        log.info("register listening bind=%s id=%s pid=%d", self.bind, self.id, os.getpid())
+        ticker = self._background(self._tick())
+        try:
+            while not self._stopping.is_set():
+                events = await sock.poll(500, zmq.POLLIN)
+                if events:
+                    self._drain()
+                self._push_if_changed()
+        finally:
+            ticker.cancel()
+            sock.close(linger=0)
+            log.info("register stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a task for the life of the process; if it fails, stop rather than limp on."""
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._crashed)
+        return task
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("background task failed, stopping", exc_info=task.exception())
+            self.failed = True
+            self.stop()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            for gid in self.table.expire(time.monotonic()):
+                log.warning("gateway expired id=%s", gid)
+            live = {m.entry["id"] for m in self.table.workers.values()}
+            for wid in [w for w in self.worker_routes if w not in live]:
+                del self.worker_routes[wid]
+            if self.settled and not self._was_settled:
+                self._was_settled = True
+                self._pushed_version = -1  # tell workers the table is now authoritative
+            self._push_if_changed()
+
+    def _drain(self) -> None:
+        now = time.monotonic()
+        for _ in range(1000):
+            try:
+                route, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # wrong number of frames
+                continue
+            try:
+                message = protocol.unpack(frame)
+                self._handle(route, message, now)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                log.warning("bad register message error=%r", exc)
+
+    def _handle(self, route: bytes, message: list[Any], now: float) -> None:
+        kind = message[0]
+        if kind == protocol.GATEWAY:
+            entry = message[1]
+            known = entry["id"] in self.table.gateways
+            refused = self.table.gateway_seen(entry, now)
+            if not known:
+                log.info("gateway joined id=%s address=%s", entry["id"], entry["address"])
+            for prefix in refused:
+                log.warning("prefix conflict gateway=%s prefix=%d", entry["id"], prefix)
+                self._send(route, [protocol.CONFLICT, prefix])
+            accepted = self.table.gateways[entry["id"]].entry["prefixes"]
+            self._send(route, [protocol.ACCEPTED, accepted])
+        elif kind == protocol.WORKER:
+            entry = message[1]
+            self.worker_routes[entry["id"]] = route
+            if self.table.worker_seen(entry, now):
+                log.info("worker joined id=%s", entry["id"])
+                self._send(route, self._gateways_message())
+            else:
+                self._send(route, [protocol.PONG, self.id])
+        elif kind == protocol.BYE:
+            member = message[1]
+            if member in self.table.gateways:
+                log.info("gateway left id=%s", member)
+            elif member in self.table.workers:
+                log.info("worker left id=%s", member)
+            self.table.forget(member)
+            self.worker_routes.pop(member, None)
+        elif kind == protocol.STATUS:
+            self._send(route, [protocol.STATUS, self.status()])
+        else:
+            raise ValueError(f"unknown message kind {kind!r}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "register": self.id,
+            "uptime": round(time.monotonic() - self.started, 1),
+            "gateways": self.table.gateway_entries(),
+            "workers": self.table.worker_entries(),
+        }
+
+    def _gateways_message(self) -> list[Any]:
+        return [protocol.GATEWAYS, self.id, self.settled, self.table.gateway_entries()]
+
+    def _push_if_changed(self) -> None:
+        if self.table.version == self._pushed_version:
+            return
+        self._pushed_version = self.table.version
+        frame = protocol.pack(self._gateways_message())
+        for route in self.worker_routes.values():
+            self._send_frame(route, frame)
+
+    def _send(self, route: bytes, message: list[Any]) -> None:
+        self._send_frame(route, protocol.pack(message))
+
+    def _send_frame(self, route: bytes, frame: bytes) -> None:
+        try:
+            self.sock.send_multipart([route, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("send failed route=%r error=%s", route, exc)

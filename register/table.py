@@ -1,0 +1,95 @@
+"""The register's table of live gateways and workers.
+
+Pure data, no sockets: the server feeds it heartbeats and the clock, and asks it
+what changed. Kept apart so that its rules (expiry, prefix ownership) are tested
+without processes.
+
+Prefix ownership: a gateway's client ids start with a prefix it claims (see
+``gateway.ids``). Two live gateways must never share one. The first gateway to
+hold a prefix keeps it while it lives; a later claim of the same prefix (two
+gateways started in the same second) is refused and the newcomer claims another
+before it takes any client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Member:
+    entry: dict[str, Any]
+    last_seen: float
+
+
+@dataclass(slots=True)
+class Table:
+    expiry: float
+    gateways: dict[str, Member] = field(default_factory=dict)
+    workers: dict[str, Member] = field(default_factory=dict)
+    owners: dict[int, str] = field(default_factory=dict)
+    """prefix -> id of the gateway that owns it"""
+    version: int = 0
+    """Bumped whenever the set of gateways or their addresses/prefixes change."""
+
+    def gateway_seen(self, entry: dict[str, Any], now: float) -> list[int]:
+        """Record a gateway heartbeat; return the prefixes it may not use."""
+        gid = entry["id"]
+        refused = [p for p in entry["prefixes"] if not self._may_own(p, entry)]
+        accepted = [p for p in entry["prefixes"] if p not in refused]
+        for prefix in accepted:
+            self.owners[prefix] = gid
+        entry = {**entry, "prefixes": accepted}
+        old = self.gateways.get(gid)
+        if old is None or _route(old.entry) != _route(entry):
+            self.version += 1
+        if old is not None:
+            for prefix in old.entry["prefixes"]:
+                if prefix not in accepted and self.owners.get(prefix) == gid:
+                    del self.owners[prefix]
+        self.gateways[gid] = Member(entry, now)
+        return refused
+
+    def worker_seen(self, entry: dict[str, Any], now: float) -> bool:
+        """Record a worker heartbeat; True when the worker is new to this table."""
+        known = entry["id"] in self.workers
+        self.workers[entry["id"]] = Member(entry, now)
+        return not known
+
+    def forget(self, member_id: str) -> None:
+        """Drop a gateway or worker that said goodbye."""
+        if member_id in self.gateways:
+            self._drop_gateway(member_id)
+        self.workers.pop(member_id, None)
+
+    def expire(self, now: float) -> list[str]:
+        """Drop everything silent for longer than ``expiry``; return the gateway ids dropped."""
+        dead = [g for g, m in self.gateways.items() if now - m.last_seen > self.expiry]
+        for gid in dead:
+            self._drop_gateway(gid)
+        for wid in [w for w, m in self.workers.items() if now - m.last_seen > self.expiry]:
+            del self.workers[wid]
+        return dead
+
+    def gateway_entries(self) -> list[dict[str, Any]]:
+        return [m.entry for m in self.gateways.values()]
+
+    def worker_entries(self) -> list[dict[str, Any]]:
+        return [m.entry for m in self.workers.values()]
+
+    def _may_own(self, prefix: int, entry: dict[str, Any]) -> bool:
+        holder = self.owners.get(prefix)
+        return holder is None or holder == entry["id"]
+
+    def _drop_gateway(self, gid: str) -> None:
+        member = self.gateways.pop(gid)
+        for prefix in member.entry["prefixes"]:
+            if self.owners.get(prefix) == gid:
+                del self.owners[prefix]
+        self.version += 1
+
+
+def _route(entry: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """The part of an entry that workers route by; the rest (counts) changes every beat."""
+    return entry["address"], tuple(entry["prefixes"])

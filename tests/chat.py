@@ -1,0 +1,75 @@
+"""A real WebSocket chat client for tests: speaks the seed protocol, reads strictly in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+TIMEOUT = 10.0
+
+
+class ChatClient:
+    """One browser-like client: every frame it receives is kept, in order."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.uid: int | None = None
+        self.received: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(cls, url: str) -> ChatClient:
+        ws = await connect(url, compression=None, open_timeout=TIMEOUT, max_size=2**22)
+        return cls(ws)
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        message = json.loads(raw)
+        self.received.append(message)
+        return message
+
+    async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        message = await self.recv(timeout)
+        assert message["type"] == kind, f"expected {kind}, got {message}"
+        return message
+
+    async def login(self, name: str, room: str | None = None) -> list[dict[str, Any]]:
+        """Log in; return the user_list. The next frame must be our own login."""
+        request: dict[str, Any] = {"type": "login", "name": name}
+        if room is not None:
+            request["room"] = room
+        await self.send(request)
+        users = (await self.expect("user_list"))["user_list"]
+        own = await self.expect("login")
+        assert own["name"] == name
+        self.uid = own["uid"]
+        return users
+
+    async def say(self, content: str, to: int | str = "all") -> None:
+        await self.send({"type": "say", "to_uid": to, "content": content})
+
+    async def quiet(self, timeout: float = 0.3) -> None:
+        """Assert that nothing more arrives within ``timeout``."""
+        try:
+            extra = await asyncio.wait_for(self.ws.recv(), timeout)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame {extra!r}")
+
+    async def closed(self, timeout: float = TIMEOUT) -> tuple[int | None, str | None]:
+        """Wait until the server closes us; return (code, reason)."""
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), timeout)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            return (rcvd.code, rcvd.reason) if rcvd else (None, None)
+
+    async def close(self) -> None:
+        await self.ws.close()

@@ -1,0 +1,229 @@
+"""Start a real cluster (register, gateways, workers) as processes, for tests and benchmarks.
+
+Every process listens on a free loopback port, so tests never collide with a
+running ``make run``. Readiness is read from the register's status (the same
+answer ``python -m register status`` prints), not guessed with sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from register import protocol as register_protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def register_status(address: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The register's table, or None if it does not answer in time."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send(register_protocol.pack([register_protocol.STATUS]))
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        return register_protocol.unpack(sock.recv())[1]
+    finally:
+        sock.close()
+
+
+class Cluster:
+    """A register, ``gateways`` gateways and ``workers`` workers running ``app``."""
+
+    def __init__(
+        self,
+        *,
+        gateways: int = 2,
+        workers: int = 2,
+        app: str = "businessworker.chat",
+        gateway_args: list[str] | None = None,
+        log_dir: str | None = None,
+    ) -> None:
+        self.app = app
+        self.n_gateways = gateways
+        self.n_workers = workers
+        self.gateway_args = gateway_args or []
+        self.register_address = f"tcp://127.0.0.1:{free_port()}"
+        self.ws_ports = [free_port() for _ in range(gateways)]
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cluster-"))
+        self.register: subprocess.Popen[bytes] | None = None
+        self.gateways: list[subprocess.Popen[bytes] | None] = [None] * gateways
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * workers
+        self._starts = 0
+
+    # Lifecycle
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.start_register()
+        for i in range(self.n_gateways):
+            self.start_gateway(i, wait=False)
+        for i in range(self.n_workers):
+            self.start_worker(i, wait=False)
+        self.wait_ready(timeout=timeout)
+
+    def stop(self) -> None:
+        procs = [*self.workers, *self.gateways, self.register]
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def ws_url(self, i: int = 0) -> str:
+        return f"ws://127.0.0.1:{self.ws_ports[i]}/"
+
+    # Processes
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        self._starts += 1
+        log = open(self.log_dir / f"{name}.{self._starts}.log", "wb")  # noqa: SIM115
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def start_register(self) -> None:
+        self.register = self._spawn("register", ["register", "--bind", self.register_address])
+
+    def stop_register(self) -> None:
+        self._terminate(self.register)
+        self.register = None
+
+    def start_gateway(self, i: int, *, wait: bool = True) -> None:
+        self.gateways[i] = self._spawn(
+            f"gateway{i}",
+            [
+                "gateway",
+                "--register",
+                self.register_address,
+                "--listen",
+                f"127.0.0.1:{self.ws_ports[i]}",
+                *self.gateway_args,
+            ],
+        )
+        if wait:
+            self.wait_ready()
+
+    def stop_gateway(self, i: int) -> None:
+        self._terminate(self.gateways[i])
+        self.gateways[i] = None
+
+    def kill_gateway(self, i: int) -> None:
+        self._kill(self.gateways[i])
+        self.gateways[i] = None
+
+    def start_worker(self, i: int, *, wait: bool = True) -> None:
+        self.workers[i] = self._spawn(
+            f"worker{i}",
+            ["businessworker", "--app", self.app, "--register", self.register_address],
+        )
+        if wait:
+            self.wait_ready()
+
+    def stop_worker(self, i: int) -> None:
+        self._terminate(self.workers[i])
+        self.workers[i] = None
+
+    def kill_worker(self, i: int) -> None:
+        self._kill(self.workers[i])
+        self.workers[i] = None
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    # Readiness
+
+    def status(self) -> dict[str, Any] | None:
+        return register_status(self.register_address)
+
+    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Until every running gateway is linked to every running worker and vice versa."""
+        gateways = sum(1 for p in self.gateways if p is not None)
+        workers = sum(1 for p in self.workers if p is not None)
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            status = self.status()
+            if (
+                status is not None
+                and len(status["gateways"]) == gateways
+                and len(status["workers"]) == workers
+                and all(g["workers"] == workers for g in status["gateways"])
+                and all(w["gateways"] == gateways for w in status["workers"])
+                and self._listening()
+            ):
+                return status
+            time.sleep(0.1)
+        raise TimeoutError(f"cluster not ready in {timeout} s: {status}; logs in {self.log_dir}")
+
+    def _listening(self) -> bool:
+        for i, proc in enumerate(self.gateways):
+            if proc is None:
+                continue
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.ws_ports[i])) != 0:
+                    return False
+        return True
+
+    def _check_alive(self) -> None:
+        for name, proc in [("register", self.register)] + [
+            (f"gateway{i}", p) for i, p in enumerate(self.gateways)
+        ] + [(f"worker{i}", p) for i, p in enumerate(self.workers)]:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; logs in {self.log_dir}")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"== {path.name}\n{path.read_text(errors='replace')}"
+            for path in sorted(self.log_dir.glob("*.log"))
+        )
