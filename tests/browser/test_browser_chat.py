@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.browser.kit import PHONE, Pages, off_loop
+from tests.browser.kit import PHONE, REPO, Pages, off_loop
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 expect = sync_api.expect
@@ -227,3 +229,21 @@ def test_backoff_is_capped_exponential_with_full_jitter(pages: Pages) -> None:
     assert delays["top"] == [499, 999, 1999, 3999, 7999, 9999, 9999, 9999]
     assert delays["zero"] == 0
     assert delays["spread"] > 10
+
+
+def test_readme_screenshot(pages: Pages, output_dir: Path) -> None:
+    """The README picture: two users chatting. CHAT_UPDATE_SCREENSHOT=1 also writes web/."""
+    pig = pages.open()
+    pages.login(pig, "猪猪")
+    me = pages.open(viewport={"width": 960, "height": 600})
+    pages.login(me, "mynick")
+    pages.say(me, "hi, all !")
+    pages.say(pig, "hello mynick, welcome!\nThe page keeps new lines.")
+    pages.say(pig, "this one is just for you", to="mynick")
+    pages.say(me, "got it, thanks", to="猪猪")
+    expect(me.locator(".msg-say")).to_have_count(4)
+    me.evaluate("document.activeElement.blur()")
+    path = output_dir / "readme-screenshot.png"
+    me.screenshot(path=str(path))
+    if os.environ.get("CHAT_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(path, REPO / "web" / "screenshot.png")

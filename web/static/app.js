@@ -44,6 +44,7 @@ class ChatApp {
     const v = this.view;
     v.serverUrl.textContent = this.url;
     v.nameInput.maxLength = MAX_NAME;
+    v.roomInput.maxLength = MAX_NAME;
     v.messageInput.maxLength = MAX_CONTENT;
     try {
       v.nameInput.value = localStorage.getItem("chat.name") || "";
@@ -93,6 +94,7 @@ class ChatApp {
     const room = rawRoom.trim();
     if (!name) return this.view.showLogin("Please enter a nickname.");
     if (charCount(name) > MAX_NAME) return this.view.showLogin(`A nickname has at most ${MAX_NAME} characters.`);
+    if (charCount(room) > MAX_NAME) return this.view.showLogin(`A room name has at most ${MAX_NAME} characters.`);
     try {
       localStorage.setItem("chat.name", name);
       localStorage.setItem("chat.room", room);
@@ -109,7 +111,6 @@ class ChatApp {
     this.view.clearMessages();
     this.renderUsers();
     this.view.showChat(name, room);
-    this.system(`Connecting to ${this.url} …`);
     this.socket = new ReconnectingSocket(this.url);
     this.socket.addEventListener("state", (e) => this.onState(e.detail));
     this.socket.addEventListener("open", () => this.onOpen());
@@ -148,7 +149,7 @@ class ChatApp {
       this.system(`Connection lost${code ? ` (code ${code})` : ""}. Reconnecting…`);
       this.renderUsers(true);
     } else if (!wasOpen && !this.hasJoined && this.socket?.attempt === 0) {
-      this.system("Cannot reach the chat server yet; retrying…");
+      this.system(`Cannot reach the chat server at ${this.url}; retrying…`);
     }
   }
 
