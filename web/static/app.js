@@ -6,6 +6,7 @@ import { MAX_CONTENT, MAX_NAME, charCount, loginMessage, parseMessage, sayMessag
 import { View, localTimestamp } from "./view.js";
 
 const WS_RE = /^wss?:\/\/[^\s/]+/i;
+const LOGIN_TIMEOUT_MS = 10_000; // no user_list this long after login: drop and reconnect
 
 /**
  * The WebSocket URL: `?ws=ws://host:port` in the page URL wins, then the value the server
@@ -37,6 +38,7 @@ class ChatApp {
     this.pending = []; // events that arrived before our user_list
     this.recipient = "all"; // "all", a uid, or {gone: name}
     this.unread = 0;
+    this.loginTimer = null;
     this.baseTitle = document.title;
   }
 
@@ -120,6 +122,7 @@ class ChatApp {
   }
 
   leave(error = "") {
+    clearTimeout(this.loginTimer);
     this.socket?.stop();
     this.socket = null;
     this.phase = "login";
@@ -141,6 +144,11 @@ class ChatApp {
     this.phase = "joining";
     this.pending = [];
     this.socket.send(loginMessage(this.name, this.room));
+    clearTimeout(this.loginTimer);
+    const socket = this.socket;
+    this.loginTimer = setTimeout(() => {
+      if (this.socket === socket && this.phase === "joining") socket.drop();
+    }, LOGIN_TIMEOUT_MS);
   }
 
   onClose({ code, wasOpen }) {
@@ -177,6 +185,7 @@ class ChatApp {
   }
 
   onUserList(users) {
+    clearTimeout(this.loginTimer);
     const rejoin = this.hasJoined;
     this.phase = "chat";
     this.hasJoined = true;

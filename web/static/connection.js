@@ -73,6 +73,11 @@ export class ReconnectingSocket extends EventTarget {
     return !!this.ws && this.ws.readyState === WebSocket.OPEN;
   }
 
+  /** Drop the current connection (it looks dead); the usual backoff retry follows. */
+  drop() {
+    if (this.ws) this.ws.close(4000, "no answer");
+  }
+
   /** Skip the wait (e.g. the browser came back online). */
   retryNow() {
     if (this.running && !this.ws) {
