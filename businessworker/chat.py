@@ -94,13 +94,19 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
         )
     session["name"] = name
     session["room"] = room
+    session["since"] = time.time()
     group = room_group(room)
     # Join first, holding the room's traffic back until the user_list below is
     # written: whoever logs in concurrently is then either in our list or
     # announced to us after it, whichever worker handles them.
     await api.join_group(client_id, group, hold=True)
     members = await api.get_client_sessions_by_group(group)
-    users = [{"uid": uid, "name": s["name"]} for uid, s in members.items() if "name" in s]
+    # Oldest login first, as in the capture (uids of different gateways do not
+    # sort by age).
+    logged_in = sorted(
+        (s.get("since", 0.0), uid, s["name"]) for uid, s in members.items() if "name" in s
+    )
+    users = [{"uid": uid, "name": name} for _, uid, name in logged_in]
     api.send_to_client(client_id, {"type": "user_list", "user_list": users})
     api.send_to_group(group, {"type": "login", "uid": client_id, "name": name, "time": now()})
 

@@ -103,6 +103,7 @@ class GatewayLink:
         self._ack_scheduled = False
         self._bye_ok: asyncio.Future[None] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._check_scheduled = False
 
     def start(self, hello: list[Any]) -> None:
         self.send_frame(p.pack(hello))
@@ -121,6 +122,20 @@ class GatewayLink:
 
     def send_frame(self, frame: bytes) -> None:
         self._sock.send(frame, zmq.NOBLOCK)
+        self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        if not self._check_scheduled:
+            self._check_scheduled = True
+            asyncio.get_running_loop().call_soon(self._check_readable)
+
+    def _check_readable(self) -> None:
+        # The ZeroMQ descriptor is edge-triggered: a send can swallow the edge
+        # that announced incoming messages, and the poll would then sleep on
+        # messages already queued. So after sending, look once per loop turn.
+        self._check_scheduled = False
+        if not self._sock.closed and self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._drain()
 
     def ack(self, seq: int) -> None:
         """Acknowledge a handled event; acks leave in one message per loop turn."""
@@ -170,30 +185,34 @@ class GatewayLink:
     # In
 
     async def _read(self) -> None:
-        asock, sock = self._asock, self._sock
-        on_event = self.on_event
         while True:
-            await asock.poll(flags=zmq.POLLIN)
-            for _ in range(BATCH):
+            await self._asock.poll(flags=zmq.POLLIN)
+            self._drain()
+
+    def _drain(self) -> None:
+        sock, on_event = self._sock, self.on_event
+        for _ in range(BATCH):
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                message = p.unpack(frame)
+            except ValueError as exc:
+                log.warning("bad message from gateway=%s error=%r", self.gateway_id, exc)
+                continue
+            op = message[0]
+            if op == p.REPLY:
+                future = self._replies.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_result(message[2])
+            elif op == p.BYE_OK:
+                if self._bye_ok is not None and not self._bye_ok.done():
+                    self._bye_ok.set_result(None)
+            elif op != p.PING:
                 try:
-                    frame = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    message = p.unpack(frame)
-                except ValueError as exc:
-                    log.warning("bad message from gateway=%s error=%r", self.gateway_id, exc)
-                    continue
-                op = message[0]
-                if op == p.REPLY:
-                    future = self._replies.pop(message[1], None)
-                    if future is not None and not future.done():
-                        future.set_result(message[2])
-                elif op == p.BYE_OK:
-                    if self._bye_ok is not None and not self._bye_ok.done():
-                        self._bye_ok.set_result(None)
-                elif op != p.PING:
-                    try:
-                        on_event(self, message)
-                    except Exception:
-                        log.exception("event handling failed gateway=%s", self.gateway_id)
+                    on_event(self, message)
+                except Exception:
+                    log.exception("event handling failed gateway=%s", self.gateway_id)
+        else:  # batch full: let the loop breathe, then carry on
+            self._schedule_check()

@@ -97,9 +97,13 @@ class Gateway:
         asock.setsockopt(zmq.RCVHWM, 0)
         asock.bind(self.config.internal)
         self.address = self.config.advertise or asock.getsockopt_string(zmq.LAST_ENDPOINT)
-        sock = zmq.Socket.shadow(asock.underlying)
+        sock = self._sock = zmq.Socket.shadow(asock.underlying)
+        self._check_scheduled = False
         self.pool = WorkerPool(
-            sock, max_waiting=self.config.max_waiting, flood_limit=self.config.flood_limit
+            sock,
+            max_waiting=self.config.max_waiting,
+            flood_limit=self.config.flood_limit,
+            on_sent=self._sent,
         )
         self.commands = Commands(self.clients, self.pool, sock)
         monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -129,7 +133,7 @@ class Gateway:
                 self.config.port,
                 os.getpid(),
             )
-            reader = self._background(self._read_workers(asock, sock))
+            reader = self._background(self._read_workers(asock))
             await self._stopping.wait()
             await self._drain_clients()
             reader.cancel()
@@ -187,18 +191,38 @@ class Gateway:
 
     # Workers side
 
-    async def _read_workers(self, asock: zmq.asyncio.Socket, sock: zmq.Socket) -> None:
-        handle = self.commands.handle
+    async def _read_workers(self, asock: zmq.asyncio.Socket) -> None:
         while True:
             await asock.poll(flags=zmq.POLLIN)
-            for _ in range(BATCH):
-                try:
-                    worker_id, frame = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except ValueError:
-                    continue
-                handle(worker_id, frame)
+            self._drain_workers()
+
+    def _drain_workers(self) -> None:
+        sock, handle = self._sock, self.commands.handle
+        for _ in range(BATCH):
+            try:
+                worker_id, frame = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            handle(worker_id, frame)
+        self._sent()  # batch full: come back after the loop had a turn
+
+    def _sent(self) -> None:
+        """Called after sending to workers outside the read loop.
+
+        The ZeroMQ descriptor is edge-triggered: a send can swallow the edge
+        that announced incoming messages, and the poll would then sleep on
+        messages already queued. So after sending, look once per loop turn.
+        """
+        if not self._check_scheduled:
+            self._check_scheduled = True
+            asyncio.get_running_loop().call_soon(self._check_readable)
+
+    def _check_readable(self) -> None:
+        self._check_scheduled = False
+        if not self._sock.closed and self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._drain_workers()
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """A dropped TCP link means a worker may be gone: probe them all at once."""

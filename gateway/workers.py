@@ -23,6 +23,7 @@ import errno
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -54,8 +55,16 @@ class WorkerLink:
 class WorkerPool:
     """Routes client events to workers; see the module docstring for the rules."""
 
-    def __init__(self, sock: zmq.Socket, *, max_waiting: int, flood_limit: int) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        *,
+        max_waiting: int,
+        flood_limit: int,
+        on_sent: Callable[[], None] = lambda: None,
+    ) -> None:
         self.sock = sock
+        self.on_sent = on_sent
         self.max_waiting = max_waiting
         self.flood_limit = flood_limit
         self.workers: dict[bytes, WorkerLink] = {}
@@ -116,6 +125,7 @@ class WorkerPool:
             self.lost(worker.id, "unreachable")
             self._route(conn, item)
             return
+        self.on_sent()
         worker.unacked[seq] = (conn, item)
         conn.pending += 1
         if conn.pending == self.flood_limit:

@@ -155,6 +155,9 @@ class Register:
         frame = protocol.pack(self._gateways_message())
         for route in self.worker_routes.values():
             self._send_frame(route, frame)
+        # A send can swallow the edge of ZeroMQ's descriptor: look for input now.
+        if self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._drain()
 
     def _send(self, route: bytes, message: list[Any]) -> None:
         self._send_frame(route, protocol.pack(message))

@@ -19,10 +19,14 @@ class ChatClient:
         self.ws = ws
         self.uid: int | None = None
         self.received: list[dict[str, Any]] = []
+        self.frames: list[str] = []
+        """every text frame received, exactly as it came over the wire"""
 
     @classmethod
     async def open(cls, url: str) -> ChatClient:
-        ws = await connect(url, compression=None, open_timeout=TIMEOUT, max_size=2**22)
+        ws = await connect(
+            url, compression=None, open_timeout=TIMEOUT, max_size=2**22, max_queue=None
+        )
         return cls(ws)
 
     async def send(self, message: dict[str, Any] | str | bytes) -> None:
@@ -30,6 +34,7 @@ class ChatClient:
 
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        self.frames.append(raw)
         message = json.loads(raw)
         self.received.append(message)
         return message

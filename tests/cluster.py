@@ -216,9 +216,11 @@ class Cluster:
         return True
 
     def _check_alive(self) -> None:
-        for name, proc in [("register", self.register)] + [
-            (f"gateway{i}", p) for i, p in enumerate(self.gateways)
-        ] + [(f"worker{i}", p) for i, p in enumerate(self.workers)]:
+        for name, proc in (
+            [("register", self.register)]
+            + [(f"gateway{i}", p) for i, p in enumerate(self.gateways)]
+            + [(f"worker{i}", p) for i, p in enumerate(self.workers)]
+        ):
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; logs in {self.log_dir}")
 
