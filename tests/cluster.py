@@ -55,6 +55,7 @@ class Cluster:
         workers: int = 2,
         app: str = "businessworker.chat",
         gateway_args: list[str] | None = None,
+        shared_port: bool = False,
         log_dir: str | None = None,
     ) -> None:
         self.app = app
@@ -62,7 +63,10 @@ class Cluster:
         self.n_workers = workers
         self.gateway_args = gateway_args or []
         self.register_address = f"tcp://127.0.0.1:{free_port()}"
-        self.ws_ports = [free_port() for _ in range(gateways)]
+        if shared_port:  # every gateway on one port, as in production (SO_REUSEPORT)
+            self.ws_ports = [free_port()] * gateways
+        else:
+            self.ws_ports = [free_port() for _ in range(gateways)]
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cluster-"))
         self.register: subprocess.Popen[bytes] | None = None
         self.gateways: list[subprocess.Popen[bytes] | None] = [None] * gateways

@@ -1,0 +1,165 @@
+"""Faults on a live cluster: dead workers, a restarted register, no workers, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.chat import ChatClient
+from tests.cluster import Cluster
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A fresh cluster per test; parametrize with a dict of Cluster arguments."""
+    kwargs = getattr(request, "param", {})
+    with Cluster(**kwargs) as c:
+        yield c
+
+
+async def room(cluster: Cluster, n: int, name: str) -> list[ChatClient]:
+    clients = [await ChatClient.open(cluster.ws_url(i % cluster.n_gateways)) for i in range(n)]
+    for i, client in enumerate(clients):
+        await client.login(f"{name}{i}", room=name)
+        for earlier in clients[:i]:
+            await earlier.expect("login")
+    return clients
+
+
+async def chat_through(
+    clients: list[ChatClient], count: int, fault: object, at: int, pace: float = 0.004
+) -> tuple[list[str], list[list[str]]]:
+    """Clients take turns saying ``count`` numbered lines; ``fault()`` runs after line ``at``.
+
+    Returns what was said and what each client received, in arrival order.
+    """
+    said = [f"line {i}" for i in range(count)]
+    heard: list[list[str]] = [[] for _ in clients]
+
+    async def listen(i: int) -> None:
+        while len(set(heard[i])) < count:
+            message = await clients[i].expect("say", timeout=15)
+            heard[i].append(message["content"])
+
+    listeners = [asyncio.create_task(listen(i)) for i in range(len(clients))]
+    for i, line in enumerate(said):
+        await clients[i % len(clients)].say(line)
+        if i == at:
+            await asyncio.to_thread(fault)  # type: ignore[arg-type]
+        await asyncio.sleep(pace)
+    await asyncio.wait_for(asyncio.gather(*listeners), 30)
+    return said, heard
+
+
+def in_first_arrival_order(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(lines))
+
+
+@pytest.mark.parametrize("cluster", [{"gateways": 2, "workers": 3}], indirect=True)
+async def test_killing_a_worker_mid_traffic_loses_nothing(cluster: Cluster) -> None:
+    clients = await room(cluster, 6, "kill")
+    said, heard = await chat_through(clients, 300, lambda: cluster.kill_worker(0), at=100)
+    for got in heard:
+        # At least once: a line the dead worker handled but never acknowledged
+        # is handled again by its successor.
+        assert set(got) == set(said)
+    for client in clients:
+        assert client.ws.state.name == "OPEN"
+    # The next message is handled by a surviving worker, at once.
+    start = time.monotonic()
+    await clients[0].say("after")
+    assert (await clients[1].expect("say"))["content"] == "after"
+    assert time.monotonic() - start < 3.0
+    dupes = sum(len(got) - len(set(got)) for got in heard)
+    print(f"duplicates after SIGKILL: {dupes} of {len(said) * len(clients)} deliveries")
+
+
+@pytest.mark.parametrize("cluster", [{"gateways": 2, "workers": 3}], indirect=True)
+async def test_stopping_a_worker_loses_and_repeats_nothing(cluster: Cluster) -> None:
+    """A clean stop (SIGTERM, as supervisor sends) drains: every line exactly once, in order."""
+    clients = await room(cluster, 6, "stop")
+    said, heard = await chat_through(clients, 300, lambda: cluster.stop_worker(0), at=100)
+    for got in heard:
+        assert got == said
+    assert "worker draining" in cluster.logs()
+
+
+async def test_restarting_the_register_loses_no_message(cluster: Cluster) -> None:
+    clients = await room(cluster, 4, "reg")
+
+    def restart() -> None:
+        cluster.stop_register()
+        time.sleep(1.5)  # the register is down while the chat goes on
+        cluster.start_register()
+
+    said, heard = await chat_through(clients, 200, restart, at=50)
+    for got in heard:
+        assert got == said
+    # Gateways and workers registered again by themselves; a new worker joins.
+    cluster.wait_ready()
+    cluster.n_workers += 1
+    cluster.workers.append(None)
+    cluster.start_worker(len(cluster.workers) - 1)
+    await clients[0].say("still here")
+    for client in clients:
+        assert (await client.expect("say"))["content"] == "still here"
+
+
+@pytest.mark.parametrize("cluster", [{"gateways": 1, "workers": 0}], indirect=True)
+async def test_without_workers_clients_wait_and_are_served_later(cluster: Cluster) -> None:
+    client = await ChatClient.open(cluster.ws_url(0))
+    await client.send({"type": "login", "name": "early"})
+    await client.quiet(0.5)  # nobody to answer yet, but the connection stays
+    cluster.workers.append(None)
+    cluster.start_worker(0)
+    assert (await client.expect("user_list"))["user_list"][0]["name"] == "early"
+    assert (await client.expect("login"))["name"] == "early"
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    [{"gateways": 1, "workers": 0, "gateway_args": ["--max-waiting", "5"]}],
+    indirect=True,
+)
+async def test_a_full_waiting_queue_closes_with_1013(cluster: Cluster) -> None:
+    client = await ChatClient.open(cluster.ws_url(0))  # its connect event is queued: 1
+    for i in range(10):
+        await client.send({"type": "say", "to_uid": "all", "content": str(i)})
+    assert (await client.closed())[0] == 1013
+    assert "queue full" in cluster.logs()
+
+
+@pytest.mark.parametrize("cluster", [{"gateways": 1, "workers": 1}], indirect=True)
+async def test_client_ids_are_never_reused_after_a_gateway_restart(cluster: Cluster) -> None:
+    before = [await ChatClient.open(cluster.ws_url(0)) for _ in range(3)]
+    for i, client in enumerate(before):
+        await client.login(f"b{i}", room="ids")
+    cluster.stop_gateway(0)
+    cluster.start_gateway(0)
+    after = await ChatClient.open(cluster.ws_url(0))
+    await after.login("a", room="ids")
+    assert after.uid not in {c.uid for c in before}
+    assert after.uid > max(c.uid for c in before)
+    assert after.uid < 2**53
+
+
+@pytest.mark.parametrize(
+    "cluster", [{"gateways": 2, "workers": 1, "shared_port": True}], indirect=True
+)
+async def test_gateways_share_one_port(cluster: Cluster) -> None:
+    clients = [await ChatClient.open(cluster.ws_url(0)) for _ in range(24)]
+    deadline = time.monotonic() + 10
+    counts: list[int] = []
+    while time.monotonic() < deadline:
+        status = cluster.status() or {"gateways": []}
+        counts = [g["connections"] for g in status["gateways"]]
+        if sum(counts) == len(clients):
+            break
+        await asyncio.sleep(0.2)
+    assert sum(counts) == len(clients)
+    assert len(counts) == 2 and min(counts) > 0, counts
+    for client in clients:
+        await client.close()

@@ -1,0 +1,171 @@
+"""The gateway's routing of client events to workers, with a fake socket and fake clients."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import zmq
+
+from gateway import protocol as p
+from gateway.workers import WorkerPool
+
+
+class FakeSocket:
+    """Records what a ROUTER socket would send; peers listed in ``gone`` are unreachable."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, list[Any]]] = []
+        self.gone: set[bytes] = set()
+
+    def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+        route, frame = frames
+        if route in self.gone:
+            raise zmq.ZMQError(errno.EHOSTUNREACH)
+        self.sent.append((route, p.unpack(frame)))
+
+    def events(self, route: bytes | None = None) -> list[list[Any]]:
+        return [
+            m for r, m in self.sent if (route is None or r == route) and m[0] >= 100 and m[0] < 110
+        ]
+
+
+class FakeConn:
+    def __init__(self, client_id: int) -> None:
+        self.client_id = client_id
+        self.session = p.EMPTY_SESSION
+        self.session_version = 0
+        self.worker: bytes | None = None
+        self.pending = 0
+        self.paused = False
+        self.closed_with: int | None = None
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed_with = code
+
+
+def make_pool(**kwargs: Any) -> tuple[WorkerPool, FakeSocket]:
+    sock = FakeSocket()
+    pool = WorkerPool(
+        sock, max_waiting=kwargs.get("max_waiting", 100), flood_limit=kwargs.get("flood_limit", 4)
+    )  # type: ignore[arg-type]
+    return pool, sock
+
+
+def seqs(events: list[list[Any]]) -> list[int]:
+    return [e[1] for e in events]
+
+
+def test_a_client_sticks_to_one_worker_and_clients_spread() -> None:
+    pool, sock = make_pool()
+    pool.hello(b"w1", {})
+    pool.hello(b"w2", {})
+    a, b = FakeConn(1), FakeConn(2)
+    for _ in range(3):
+        pool.event(a, p.EVENT_MESSAGE, "x")
+        pool.event(b, p.EVENT_MESSAGE, "y")
+    routes = {cid: {r for r, m in sock.sent if m[2] == cid} for cid in (1, 2)}
+    assert len(routes[1]) == 1 and len(routes[2]) == 1
+    assert routes[1] != routes[2]
+
+
+def test_events_wait_for_a_worker_in_order() -> None:
+    pool, sock = make_pool()
+    a = FakeConn(1)
+    for i in range(3):
+        pool.event(a, p.EVENT_MESSAGE, str(i))
+    assert sock.sent == [] and len(pool.waiting) == 3
+    pool.hello(b"w1", {})
+    assert [e[5] for e in sock.events()] == ["0", "1", "2"]
+
+
+def test_a_full_waiting_queue_closes_the_client_with_1013() -> None:
+    pool, _ = make_pool(max_waiting=2)
+    a, b = FakeConn(1), FakeConn(2)
+    pool.event(a, p.EVENT_MESSAGE, "1")
+    pool.event(a, p.EVENT_MESSAGE, "2")
+    pool.event(b, p.EVENT_MESSAGE, "3")
+    assert b.closed_with == 1013 and pool.refused == 1
+    pool.event(b, p.EVENT_CLOSE)  # a close event is never refused
+    assert len(pool.waiting) == 3
+
+
+def test_a_dead_workers_unacked_events_go_to_another_in_order() -> None:
+    pool, sock = make_pool(flood_limit=100)
+    pool.hello(b"w1", {})
+    a = FakeConn(1)
+    for i in range(5):
+        pool.event(a, p.EVENT_MESSAGE, str(i))
+    first = a.worker
+    pool.ack(first, seqs(sock.events(first))[:2])
+    assert a.pending == 3
+    pool.hello(b"w2", {})
+    pool.lost(first, "test")
+    replayed = sock.events(b"w2")
+    assert [e[5] for e in replayed] == ["2", "3", "4"]
+    assert a.worker == b"w2" and a.pending == 3
+
+
+def test_sending_to_a_vanished_worker_fails_over_at_once() -> None:
+    pool, sock = make_pool()
+    pool.hello(b"w1", {})
+    pool.hello(b"w2", {})
+    a = FakeConn(1)
+    pool.event(a, p.EVENT_MESSAGE, "0")
+    sock.gone.add(a.worker)
+    dead = a.worker
+    pool.event(a, p.EVENT_MESSAGE, "1")
+    assert dead not in pool.workers
+    assert [e[5] for e in sock.events(a.worker)] == ["0", "1"]
+
+
+def test_a_draining_worker_finishes_a_clients_events_before_it_moves() -> None:
+    pool, sock = make_pool(flood_limit=100)
+    pool.hello(b"w1", {})
+    a = FakeConn(1)
+    pool.event(a, p.EVENT_MESSAGE, "0")
+    pool.hello(b"w2", {})
+    pool.bye(b"w1")
+    assert [m[0] for r, m in sock.sent if r == b"w1"][-1] == p.BYE_OK
+    pool.event(a, p.EVENT_MESSAGE, "1")  # parked: "0" is still being handled by w1
+    assert sock.events(b"w2") == []
+    pool.ack(b"w1", seqs(sock.events(b"w1")))
+    assert [e[5] for e in sock.events(b"w2")] == ["1"]
+    # New clients never go to the draining worker.
+    b = FakeConn(2)
+    pool.event(b, p.EVENT_MESSAGE, "x")
+    assert b.worker == b"w2"
+
+
+def test_a_flooding_client_is_paused_then_resumed() -> None:
+    pool, sock = make_pool(flood_limit=4)
+    pool.hello(b"w1", {})
+    a = FakeConn(1)
+    for i in range(4):
+        pool.event(a, p.EVENT_MESSAGE, str(i))
+    assert a.paused
+    pool.ack(b"w1", seqs(sock.events())[:2])
+    assert not a.paused
+
+
+def test_events_are_packed_with_the_session_current_when_sent() -> None:
+    pool, sock = make_pool()
+    a = FakeConn(1)
+    pool.event(a, p.EVENT_MESSAGE, "x")  # waits: no worker
+    a.session, a.session_version = p.pack_session({"name": "n"}), 1
+    pool.hello(b"w1", {})
+    event = sock.events()[0]
+    assert event[3] == 1 and p.unpack_session(event[4]) == {"name": "n"}
+
+
+def test_a_silent_worker_expires() -> None:
+    pool, _ = make_pool()
+    pool.hello(b"w1", {})
+    pool.expire(now=pool.workers[b"w1"].last_seen + p.WORKER_EXPIRY + 1)
+    assert pool.workers == {}
