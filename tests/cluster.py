@@ -57,18 +57,22 @@ class Cluster:
         gateway_args: list[str] | None = None,
         shared_port: bool = False,
         log_dir: str | None = None,
+        env: dict[str, str] | None = None,
+        registers: int = 1,
     ) -> None:
+        self.env = env or {}
         self.app = app
         self.n_gateways = gateways
         self.n_workers = workers
         self.gateway_args = gateway_args or []
-        self.register_address = f"tcp://127.0.0.1:{free_port()}"
+        self.register_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(registers)]
+        self.register_address = self.register_addresses[0]
         if shared_port:  # every gateway on one port, as in production (SO_REUSEPORT)
             self.ws_ports = [free_port()] * gateways
         else:
             self.ws_ports = [free_port() for _ in range(gateways)]
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cluster-"))
-        self.register: subprocess.Popen[bytes] | None = None
+        self.registers: list[subprocess.Popen[bytes] | None] = [None] * registers
         self.gateways: list[subprocess.Popen[bytes] | None] = [None] * gateways
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * workers
         self._starts = 0
@@ -86,8 +90,13 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def register(self) -> subprocess.Popen[bytes] | None:
+        return self.registers[0]
+
     def start(self, timeout: float = 20.0) -> None:
-        self.start_register()
+        for i in range(len(self.registers)):
+            self.start_register(i)
         for i in range(self.n_gateways):
             self.start_gateway(i, wait=False)
         for i in range(self.n_workers):
@@ -95,7 +104,7 @@ class Cluster:
         self.wait_ready(timeout=timeout)
 
     def stop(self) -> None:
-        procs = [*self.workers, *self.gateways, self.register]
+        procs = [*self.workers, *self.gateways, *self.registers]
         for proc in procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -117,7 +126,7 @@ class Cluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         self._starts += 1
         log = open(self.log_dir / f"{name}.{self._starts}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         return subprocess.Popen(
             [sys.executable, "-m", *args],
             cwd=ROOT,
@@ -126,20 +135,24 @@ class Cluster:
             stderr=subprocess.STDOUT,
         )
 
-    def start_register(self) -> None:
-        self.register = self._spawn("register", ["register", "--bind", self.register_address])
+    def _register_args(self) -> list[str]:
+        return [arg for address in self.register_addresses for arg in ("--register", address)]
 
-    def stop_register(self) -> None:
-        self._terminate(self.register)
-        self.register = None
+    def start_register(self, i: int = 0) -> None:
+        self.registers[i] = self._spawn(
+            f"register{i}", ["register", "--bind", self.register_addresses[i]]
+        )
+
+    def stop_register(self, i: int = 0) -> None:
+        self._terminate(self.registers[i])
+        self.registers[i] = None
 
     def start_gateway(self, i: int, *, wait: bool = True) -> None:
         self.gateways[i] = self._spawn(
             f"gateway{i}",
             [
                 "gateway",
-                "--register",
-                self.register_address,
+                *self._register_args(),
                 "--listen",
                 f"127.0.0.1:{self.ws_ports[i]}",
                 *self.gateway_args,
@@ -159,7 +172,7 @@ class Cluster:
     def start_worker(self, i: int, *, wait: bool = True) -> None:
         self.workers[i] = self._spawn(
             f"worker{i}",
-            ["businessworker", "--app", self.app, "--register", self.register_address],
+            ["businessworker", "--app", self.app, *self._register_args()],
         )
         if wait:
             self.wait_ready()
@@ -187,7 +200,11 @@ class Cluster:
     # Readiness
 
     def status(self) -> dict[str, Any] | None:
-        return register_status(self.register_address)
+        """The table of the first register that is running."""
+        for address, proc in zip(self.register_addresses, self.registers, strict=True):
+            if proc is not None:
+                return register_status(address)
+        return None
 
     def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
         """Until every running gateway is linked to every running worker and vice versa."""

@@ -163,3 +163,31 @@ async def test_gateways_share_one_port(cluster: Cluster) -> None:
     assert len(counts) == 2 and min(counts) > 0, counts
     for client in clients:
         await client.close()
+
+
+@pytest.mark.parametrize("cluster", [{"gateways": 2, "workers": 1, "registers": 2}], indirect=True)
+async def test_a_second_register_keeps_the_cluster_discoverable(cluster: Cluster) -> None:
+    clients = await room(cluster, 2, "twin")
+    cluster.stop_register(0)
+    # A worker started now only reaches the second register, and still finds both gateways.
+    cluster.workers.append(None)
+    cluster.start_worker(1)
+    cluster.stop_worker(0)  # the chat now depends on the newcomer alone
+    await clients[0].say("via register 2")
+    for client in clients:
+        assert (await client.expect("say"))["content"] == "via register 2"
+
+
+@pytest.mark.parametrize("cluster", [{"gateways": 2, "workers": 1}], indirect=True)
+async def test_a_dead_gateway_is_dropped_within_seconds(cluster: Cluster) -> None:
+    cluster.kill_gateway(1)
+    start = time.monotonic()
+    status = cluster.status()
+    while status is None or len(status["gateways"]) != 1 or status["workers"][0]["gateways"] != 1:
+        assert time.monotonic() - start < 8, status
+        await asyncio.sleep(0.2)
+        status = cluster.status()
+    print(f"dead gateway dropped after {time.monotonic() - start:.1f} s")
+    # The survivor still serves.
+    client = await ChatClient.open(cluster.ws_url(0))
+    await client.login("alone", room="survivor")
