@@ -12,17 +12,17 @@ import uvloop
 
 from businessworker.app import App
 from businessworker.worker import Worker
-from register import protocol as register_protocol
+from register import keys as curve
+from register.client import ENV_REGISTER, register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m businessworker", description=__doc__)
     parser.add_argument("--app", required=True, help="importable module with the callbacks")
     parser.add_argument(
-        "--register",
-        action="append",
-        help=f"register address, repeatable (default {register_protocol.DEFAULT_ADDRESS})",
+        "--register", action="append", help=f"register address, repeatable (${ENV_REGISTER})"
     )
+    parser.add_argument("--curve-key", help=f"cluster secret key file (${curve.ENV_KEY})")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -30,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     app = App.load(args.app)
-    return uvloop.run(_run(app, args.register or [register_protocol.DEFAULT_ADDRESS]))
+    keys = curve.load(args.curve_key)
+    return uvloop.run(_run(app, register_addresses(args.register), keys))
 
 
-async def _run(app: App, registers: list[str]) -> int:
-    worker = Worker(app, registers)
+async def _run(app: App, registers: list[str], keys: curve.Keys | None) -> int:
+    worker = Worker(app, registers, keys=keys)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

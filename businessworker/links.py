@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from gateway.client import EventHandler, GatewayLink
 from gateway.ids import prefix_of
+from register.keys import Keys
 
 log = logging.getLogger("businessworker.links")
 
@@ -38,8 +39,10 @@ class GatewayLinks:
         worker_id: str,
         hello: Callable[[], list[Any]],
         on_event: EventHandler,
+        keys: Keys | None = None,
     ) -> None:
         self.ctx = ctx
+        self.keys = keys
         self.worker_id = worker_id
         self.hello = hello
         self.on_event = on_event
@@ -100,7 +103,9 @@ class GatewayLinks:
                 self._unlink(gid)
 
     def _link(self, entry: dict[str, Any]) -> None:
-        link = GatewayLink(self.ctx, entry["id"], entry["address"], self.worker_id, self.on_event)
+        link = GatewayLink(
+            self.ctx, entry["id"], entry["address"], self.worker_id, self.on_event, self.keys
+        )
         self.links[entry["id"]] = link
         for prefix in entry["prefixes"]:
             self.by_prefix[prefix] = link

@@ -21,6 +21,7 @@ from businessworker.links import GatewayLinks
 from gateway import protocol as gateway_protocol
 from register import protocol as register_protocol
 from register.client import RegisterClient
+from register.keys import Keys
 
 log = logging.getLogger("businessworker")
 
@@ -32,7 +33,12 @@ class Worker:
     """Stateless: every client fact lives on the gateways, so a worker can die any time."""
 
     def __init__(
-        self, app: App, registers: Sequence[str], *, ctx: zmq.asyncio.Context | None = None
+        self,
+        app: App,
+        registers: Sequence[str],
+        *,
+        keys: Keys | None = None,
+        ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self.app = app
         self.ctx = ctx or zmq.asyncio.Context.instance()
@@ -40,8 +46,12 @@ class Worker:
         self.started = time.time()
         self.info = WorkerInfo(self.id, app.name)
         self.dispatcher = Dispatcher(app)
-        self.links = GatewayLinks(self.ctx, self.id, self._hello, self.dispatcher.on_event)
-        self.register = RegisterClient(registers, self._beat, self._from_register, ctx=self.ctx)
+        self.links = GatewayLinks(
+            self.ctx, self.id, self._hello, self.dispatcher.on_event, keys=keys
+        )
+        self.register = RegisterClient(
+            registers, self._beat, self._from_register, ctx=self.ctx, keys=keys
+        )
         self._stopping = asyncio.Event()
         self.failed = False
 

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 
 import uvloop
 
 from gateway.server import Gateway, GatewayConfig
-from register import protocol as register_protocol
+from register import keys as curve
+from register.client import ENV_REGISTER, register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--advertise", help="address workers connect to, if not --internal")
     parser.add_argument(
-        "--register",
-        action="append",
-        help=f"register address, repeatable (default {register_protocol.DEFAULT_ADDRESS})",
+        "--register", action="append", help=f"register address, repeatable (${ENV_REGISTER})"
     )
+    parser.add_argument("--curve-key", help=f"cluster secret key file (${curve.ENV_KEY})")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow --internal beyond loopback without keys"
+    )
+    parser.add_argument("--tls-cert", help="certificate chain file: serve wss://")
+    parser.add_argument("--tls-key", help="private key file of --tls-cert")
     parser.add_argument("--max-message-size", type=int, default=64 * 1024)
     parser.add_argument("--max-send-buffer", type=int, default=1024 * 1024)
     parser.add_argument("--max-waiting", type=int, default=10_000)
@@ -43,12 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         port=int(port),
         internal=args.internal,
         advertise=args.advertise,
-        registers=args.register or [register_protocol.DEFAULT_ADDRESS],
+        registers=register_addresses(args.register),
+        keys=curve.load(args.curve_key),
+        insecure=args.insecure,
+        ssl=_tls(args.tls_cert, args.tls_key),
         max_message_size=args.max_message_size,
         max_send_buffer=args.max_send_buffer,
         max_waiting=args.max_waiting,
     )
     return uvloop.run(_run(config))
+
+
+def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 async def _run(config: GatewayConfig) -> int:

@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from gateway import protocol as p
+from register.keys import Keys
 
 log = logging.getLogger("gateway.client")
 
@@ -85,6 +86,7 @@ class GatewayLink:
         address: str,
         worker_id: str,
         on_event: EventHandler,
+        keys: Keys | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.address = address
@@ -96,6 +98,8 @@ class GatewayLink:
         self._asock.setsockopt(zmq.RCVHWM, 0)
         self._asock.setsockopt(zmq.RECONNECT_IVL, 100)
         self._asock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if keys is not None:
+            keys.client(self._asock)
         self._asock.connect(address)
         self._sock = zmq.Socket.shadow(self._asock.underlying)
         self._replies: dict[int, asyncio.Future[Any]] = {}

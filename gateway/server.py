@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl as ssl_module
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.asyncio
 from websockets.http11 import Request
+from zmq.utils.monitor import parse_monitor_message
 
 from gateway import protocol
 from gateway.clients import ClientTable
@@ -22,6 +24,7 @@ from gateway.commands import Commands
 from gateway.connection import ClientConnection
 from gateway.ids import IdAllocator, fresh_prefix
 from gateway.workers import WorkerPool
+from register import keys as curve
 from register import protocol as register_protocol
 from register.client import RegisterClient
 
@@ -45,12 +48,19 @@ class GatewayConfig:
     max_waiting: int = 10_000
     flood_limit: int = 100
     reuse_port: bool = True
+    keys: curve.Keys | None = None
+    """CURVE keys for the internal links; None for plain links (loopback only)."""
+    insecure: bool = False
+    """Allow binding the internal address beyond loopback without keys."""
+    ssl: ssl_module.SSLContext | None = None
+    """TLS for the client side (wss://), or None."""
 
 
 class Gateway:
     """Holds client connections and carries out the workers' commands."""
 
     def __init__(self, config: GatewayConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
+        curve.check_exposure(config.internal, config.keys, config.insecure)
         self.config = config
         self.max_message_size = config.max_message_size
         self.max_send_buffer = config.max_send_buffer
@@ -95,6 +105,11 @@ class Gateway:
         asock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         asock.setsockopt(zmq.SNDHWM, 0)
         asock.setsockopt(zmq.RCVHWM, 0)
+        auth = None
+        if self.config.keys is not None:
+            auth = curve.authenticate(self.ctx, self.config.keys)
+            self.config.keys.server(asock)
+        monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
         asock.bind(self.config.internal)
         self.address = self.config.advertise or asock.getsockopt_string(zmq.LAST_ENDPOINT)
         sock = self._sock = zmq.Socket.shadow(asock.underlying)
@@ -106,9 +121,12 @@ class Gateway:
             on_sent=self._sent,
         )
         self.commands = Commands(self.clients, self.pool, sock)
-        monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.register = RegisterClient(
-            self.config.registers, self._beat, self._from_register, ctx=self.ctx
+            self.config.registers,
+            self._beat,
+            self._from_register,
+            ctx=self.ctx,
+            keys=self.config.keys,
         )
         tasks = [
             self._background(self.register.run()),
@@ -125,6 +143,7 @@ class Gateway:
                 self.config.port,
                 reuse_port=self.config.reuse_port,
                 backlog=4096,
+                ssl=self.config.ssl,
             )
             log.info(
                 "gateway listening id=%s ws=%s:%d pid=%d",
@@ -145,6 +164,8 @@ class Gateway:
             asock.disable_monitor()
             monitor.close(linger=0)
             asock.close(linger=1000)
+            if auth is not None:
+                auth.stop()
             log.info("gateway stopped id=%s", self.id)
 
     def stop(self) -> None:
@@ -227,8 +248,9 @@ class Gateway:
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """A dropped TCP link means a worker may be gone: probe them all at once."""
         while True:
-            await monitor.recv_multipart()
-            self.pool.probe()
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if not curve.log_handshake_failures(event):
+                self.pool.probe()
 
     async def _expire_workers(self) -> None:
         while True:

@@ -1,4 +1,4 @@
-"""``python -m register``: run the register, or ``python -m register status``."""
+"""``python -m register``: run it; ``status``: ask a live one; ``keys``: make CURVE keys."""
 
 from __future__ import annotations
 
@@ -12,32 +12,44 @@ import time
 
 import uvloop
 
+from register import keys as curve
 from register import protocol
-from register.client import fetch_status
+from register.client import fetch_status, register_addresses
 from register.server import Register
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m register", description=__doc__)
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "status"])
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "keys"])
     parser.add_argument("--bind", default=protocol.DEFAULT_ADDRESS, help="ZeroMQ address to bind")
-    parser.add_argument(
-        "--register", default=protocol.DEFAULT_ADDRESS, help="register to ask (status)"
-    )
+    parser.add_argument("--register", action="append", help="register to ask (status)")
     parser.add_argument("--json", action="store_true", help="status as one JSON document")
+    parser.add_argument("--curve-key", help=f"cluster secret key file (default ${curve.ENV_KEY})")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow a bind beyond loopback without keys"
+    )
+    parser.add_argument("--out", default="keys", help="folder for new keys (keys)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
+    if args.command == "keys":
+        secret = curve.generate(args.out)
+        print(f"secret key (copy to every machine, keep private): {secret}")
+        print(f"public key: {secret.with_suffix('.key')}")
+        print(f"use: --curve-key {secret}   or   {curve.ENV_KEY}={secret}")
+        return 0
+    keys = curve.load(args.curve_key)
     if args.command == "status":
-        return uvloop.run(_status(args.register, args.json))
-    return uvloop.run(_run(args.bind))
+        address = register_addresses(args.register)[0]
+        return uvloop.run(_status(address, args.json, keys))
+    return uvloop.run(_run(args.bind, keys, args.insecure))
 
 
-async def _run(bind: str) -> int:
-    register = Register(bind)
+async def _run(bind: str, keys: curve.Keys | None, insecure: bool) -> int:
+    register = Register(bind, keys=keys, insecure=insecure)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, register.stop)
@@ -45,9 +57,9 @@ async def _run(bind: str) -> int:
     return 1 if register.failed else 0
 
 
-async def _status(address: str, as_json: bool) -> int:
+async def _status(address: str, as_json: bool, keys: curve.Keys | None) -> int:
     try:
-        status = await fetch_status(address)
+        status = await fetch_status(address, keys=keys)
     except TimeoutError as exc:
         print(exc, file=sys.stderr)
         return 1

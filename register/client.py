@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,8 +20,20 @@ import zmq
 import zmq.asyncio
 
 from register import protocol
+from register.keys import Keys
 
 log = logging.getLogger("register.client")
+
+ENV_REGISTER = "CHAT_REGISTER"
+"""Comma-separated register addresses, when no --register option is given."""
+
+
+def register_addresses(given: Sequence[str] | None) -> list[str]:
+    """The --register options, else $CHAT_REGISTER, else the default address."""
+    if given:
+        return list(given)
+    env = os.environ.get(ENV_REGISTER, "")
+    return [a.strip() for a in env.split(",") if a.strip()] or [protocol.DEFAULT_ADDRESS]
 
 
 class RegisterClient:
@@ -34,7 +47,9 @@ class RegisterClient:
         *,
         ctx: zmq.asyncio.Context | None = None,
         interval: float = protocol.HEARTBEAT,
+        keys: Keys | None = None,
     ) -> None:
+        self.keys = keys
         if not addresses:
             raise ValueError("at least one register address is needed")
         self.ctx = ctx or zmq.asyncio.Context.instance()
@@ -59,6 +74,8 @@ class RegisterClient:
             sock.setsockopt(zmq.SNDHWM, 10)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            if self.keys is not None:
+                self.keys.client(sock)
             sock.connect(address)
             self._socks.append(sock)
             self._sync.append(zmq.Socket.shadow(sock.underlying))
@@ -109,11 +126,15 @@ class RegisterClient:
                 sock.send(frame, zmq.NOBLOCK)
 
 
-async def fetch_status(address: str, timeout: float = 3.0) -> dict[str, Any]:
+async def fetch_status(
+    address: str, timeout: float = 3.0, keys: Keys | None = None
+) -> dict[str, Any]:
     """Ask one register for its table (the ``status`` command and the tests use this)."""
     ctx = zmq.asyncio.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.client(sock)
     sock.connect(address)
     try:
         await sock.send(protocol.pack([protocol.STATUS]))

@@ -12,7 +12,9 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
+from register import keys as curve
 from register import protocol
 from register.table import Table
 
@@ -25,9 +27,18 @@ SETTLE = protocol.EXPIRY
 class Register:
     """Keeps the table of gateways and tells every worker when it changes."""
 
-    def __init__(self, bind: str, *, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        bind: str,
+        *,
+        keys: curve.Keys | None = None,
+        insecure: bool = False,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        curve.check_exposure(bind, keys, insecure)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.bind = bind
+        self.keys = keys
         self.id = uuid.uuid4().hex[:12]
         self.started = time.monotonic()
         self.table = Table(expiry=protocol.EXPIRY)
@@ -45,10 +56,22 @@ class Register:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        auth = None
+        if self.keys is not None:
+            auth = curve.authenticate(self.ctx, self.keys)
+            self.keys.server(sock)
+        monitor = sock.get_monitor_socket(curve.HANDSHAKE_FAILED)
         sock.bind(self.bind)
         self.sock = zmq.Socket.shadow(sock.underlying)
-        log.info("register listening bind=%s id=%s pid=%d", self.bind, self.id, os.getpid())
+        log.info(
+            "register listening bind=%s id=%s curve=%s pid=%d",
+            self.bind,
+            self.id,
+            "on" if self.keys else "off",
+            os.getpid(),
+        )
         ticker = self._background(self._tick())
+        watcher = self._background(_watch_handshakes(monitor))
         try:
             while not self._stopping.is_set():
                 events = await sock.poll(500, zmq.POLLIN)
@@ -57,7 +80,12 @@ class Register:
                 self._push_if_changed()
         finally:
             ticker.cancel()
+            watcher.cancel()
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
             log.info("register stopped")
 
     def stop(self) -> None:
@@ -112,7 +140,7 @@ class Register:
             if not known:
                 log.info("gateway joined id=%s address=%s", entry["id"], entry["address"])
             for prefix in refused:
-                log.warning("prefix conflict gateway=%s prefix=%d", entry["id"], prefix)
+                log.info("prefix conflict gateway=%s prefix=%d", entry["id"], prefix)
                 self._send(route, [protocol.CONFLICT, prefix])
             accepted = self.table.gateways[entry["id"]].entry["prefixes"]
             self._send(route, [protocol.ACCEPTED, accepted])
@@ -167,3 +195,9 @@ class Register:
             self.sock.send_multipart([route, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("send failed route=%r error=%s", route, exc)
+
+
+async def _watch_handshakes(monitor: zmq.asyncio.Socket) -> None:
+    """Log peers refused because their CURVE key is not the cluster's."""
+    while True:
+        curve.log_handshake_failures(parse_monitor_message(await monitor.recv_multipart()))

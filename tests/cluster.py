@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from register import keys as curve
 from register import protocol as register_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +31,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def register_status(address: str, timeout: float = 2.0) -> dict[str, Any] | None:
+def register_status(
+    address: str, timeout: float = 2.0, keys: curve.Keys | None = None
+) -> dict[str, Any] | None:
     """The register's table, or None if it does not answer in time."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.client(sock)
     sock.connect(address)
     try:
         sock.send(register_protocol.pack([register_protocol.STATUS]))
@@ -61,6 +66,7 @@ class Cluster:
         registers: int = 1,
     ) -> None:
         self.env = env or {}
+        self.keys = curve.load(self.env.get(curve.ENV_KEY))
         self.app = app
         self.n_gateways = gateways
         self.n_workers = workers
@@ -169,10 +175,10 @@ class Cluster:
         self._kill(self.gateways[i])
         self.gateways[i] = None
 
-    def start_worker(self, i: int, *, wait: bool = True) -> None:
+    def start_worker(self, i: int, *, wait: bool = True, args: list[str] | None = None) -> None:
         self.workers[i] = self._spawn(
             f"worker{i}",
-            ["businessworker", "--app", self.app, *self._register_args()],
+            ["businessworker", "--app", self.app, *self._register_args(), *(args or [])],
         )
         if wait:
             self.wait_ready()
@@ -203,7 +209,7 @@ class Cluster:
         """The table of the first register that is running."""
         for address, proc in zip(self.register_addresses, self.registers, strict=True):
             if proc is not None:
-                return register_status(address)
+                return register_status(address, keys=self.keys)
         return None
 
     def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
