@@ -14,7 +14,8 @@ chat_die() {
 
 chat_load_config() {
   local saved
-  saved="$(export -p | grep -E '^declare -x CHAT_[A-Z0-9_]+=' || true)"
+  # `declare -gx` re-creates them as globals when eval'ed below (not as locals).
+  saved="$(export -p | grep -E '^declare -x CHAT_[A-Z0-9_]+=' | sed 's/^declare -x /declare -gx /' || true)"
   set -a
   # shellcheck source=../cluster.env
   . "$CHAT_ROOT/deploy/cluster.env"
