@@ -6,6 +6,12 @@ client's events are handled in order while other clients go on.
 
 A callback that raises is logged with its client id; the event still counts as
 handled, nothing else is touched, and the worker carries on.
+
+The dispatcher also remembers which clients it serves on each gateway, with
+their latest session. That is the one thing a worker keeps, and only for
+recovery: when a gateway dies it cannot send close events, so each worker runs
+on_close for its own clients of that gateway. Gateways re-announce a dead
+worker's clients to their new workers (ADOPT), so every client stays known.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class Scope:
             self.packed = packed
             self.version += 1
             self.dispatcher.sessions[self.client_id] = (self.version, packed)
+            served = self.dispatcher.served.get(self.link.gateway_id)
+            if served is not None and self.client_id in served:
+                served[self.client_id] = (self.version, packed)
 
 
 class Dispatcher:
@@ -70,11 +79,18 @@ class Dispatcher:
         self.sessions: dict[int, tuple[int, bytes]] = {}
         """Sessions this worker changed, with their version, until the gateway's
         copy catches up: an event already in flight carries the older copy."""
+        self.served: dict[str, dict[int, tuple[int, bytes]]] = {}
+        """gateway id -> {client id: (version, packed session)} of the clients we serve"""
         self.tasks: set[asyncio.Future[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
     def on_event(self, link: GatewayLink, message: list[Any]) -> None:
+        if message[0] == p.EVENT_ADOPT:
+            served = self.served.setdefault(link.gateway_id, {})
+            for client_id, version, packed in message[1]:
+                served[client_id] = (version, packed)
+            return
         queue = self.busy.get(message[2])
         if queue is not None:
             queue.append((link, message))
@@ -97,6 +113,11 @@ class Dispatcher:
                 version, packed = cached
             else:
                 del self.sessions[client_id]
+        served = self.served.setdefault(link.gateway_id, {})
+        if op == p.EVENT_CLOSE:
+            served.pop(client_id, None)
+        else:
+            served[client_id] = (version, packed)
         try:
             session = p.unpack_session(packed)
         except ValueError:
@@ -168,12 +189,25 @@ class Dispatcher:
         if not self.tasks:
             self._idle.set()
 
-    def _done(self, scope: Scope, seq: int, op: int) -> None:
+    def gateway_gone(self, link: GatewayLink) -> None:
+        """A gateway died: its clients are gone; run on_close for the ones we served."""
+        served = self.served.pop(link.gateway_id, {})
+        if served:
+            log.warning(
+                "gateway gone, closing its clients gateway=%s clients=%d",
+                link.gateway_id,
+                len(served),
+            )
+        for client_id, (version, packed) in served.items():
+            self.on_event(link, [p.EVENT_CLOSE, None, client_id, version, packed])
+
+    def _done(self, scope: Scope, seq: int | None, op: int) -> None:
         if op == p.EVENT_CLOSE:
             self.sessions.pop(scope.client_id, None)
         else:
             scope.flush()
-        scope.link.ack(seq)
+        if seq is not None:  # None: a close made up for a dead gateway, nobody to ack
+            scope.link.ack(seq)
 
     def _next(self, client_id: int) -> None:
         queue = self.busy.pop(client_id, None)

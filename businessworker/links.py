@@ -40,7 +40,9 @@ class GatewayLinks:
         hello: Callable[[], list[Any]],
         on_event: EventHandler,
         keys: Keys | None = None,
+        on_gone: Callable[[GatewayLink], None] | None = None,
     ) -> None:
+        self.on_gone = on_gone
         self.ctx = ctx
         self.keys = keys
         self.worker_id = worker_id
@@ -100,7 +102,9 @@ class GatewayLinks:
                     self.by_prefix[prefix] = link
         if any(settled for _, settled, _ in fresh):
             for gid in [g for g in self.links if g not in listed]:
-                self._unlink(gid)
+                link = self._unlink(gid)
+                if self.on_gone is not None:
+                    self.on_gone(link)
 
     def _link(self, entry: dict[str, Any]) -> None:
         link = GatewayLink(
@@ -112,12 +116,13 @@ class GatewayLinks:
         link.start(self.hello())
         log.info("linked gateway=%s address=%s", entry["id"], entry["address"])
 
-    def _unlink(self, gid: str) -> None:
+    def _unlink(self, gid: str) -> GatewayLink:
         link = self.links.pop(gid)
         for prefix in [p for p, lk in self.by_prefix.items() if lk is link]:
             del self.by_prefix[prefix]
         link.close()
         log.info("unlinked gateway=%s", gid)
+        return link
 
     def close(self) -> None:
         for gid in list(self.links):

@@ -47,7 +47,12 @@ class Worker:
         self.info = WorkerInfo(self.id, app.name)
         self.dispatcher = Dispatcher(app)
         self.links = GatewayLinks(
-            self.ctx, self.id, self._hello, self.dispatcher.on_event, keys=keys
+            self.ctx,
+            self.id,
+            self._hello,
+            self.dispatcher.on_event,
+            keys=keys,
+            on_gone=self.dispatcher.gateway_gone,
         )
         self.register = RegisterClient(
             registers, self._beat, self._from_register, ctx=self.ctx, keys=keys

@@ -153,12 +153,14 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake; the TCP connection goes when the client answers."""
-        if self.ws.state is OPEN:
+        state = self.ws.state
+        if state is OPEN:
             self.ws.send_close(code, reason)
             self._flush()
             asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
-        elif self.transport is not None:
+        elif state is State.CONNECTING and self.transport is not None:
             self.transport.close()
+        # CLOSING or CLOSED: a close is already under way.
 
     def pause(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

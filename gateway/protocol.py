@@ -27,6 +27,7 @@ Gateway -> worker
     [EVENT_CONNECT, seq, client_id, version, session, request]
     [EVENT_MESSAGE, seq, client_id, version, session, data]
     [EVENT_CLOSE, seq, client_id, version, session]
+    [EVENT_ADOPT, [[client_id, version, session], ...]]   clients now bound to this worker
     [REPLY, req_id, result]
     [BYE_OK]                            after this no event of this gateway follows
     [PING]                              liveness probe; ignored
@@ -36,7 +37,9 @@ by the gateway (it never needs to look inside) and versioned: ``version`` grows
 by one for each change, which lets a worker tell a stale copy from a fresh one.
 ``request`` is [path, query, [[name, value], ...], peer].
 Events carry a sequence number so that a gateway can hand the unacknowledged
-ones of a dead worker to another.
+ones of a dead worker to another. ADOPT tells a worker of clients it now
+serves that have no event under way, so that it can run their on_close should
+their gateway die (a dead gateway cannot send close events itself).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ QUERY = 30
 EVENT_CONNECT = 100
 EVENT_MESSAGE = 101
 EVENT_CLOSE = 102
+EVENT_ADOPT = 103
 REPLY = 110
 BYE_OK = 111
 PING = 112

@@ -116,6 +116,7 @@ class Gateway:
         self._check_scheduled = False
         self.pool = WorkerPool(
             sock,
+            self.clients,
             max_waiting=self.config.max_waiting,
             flood_limit=self.config.flood_limit,
             on_sent=self._sent,

@@ -14,6 +14,9 @@ Rules, in the order they are applied to each client event:
    a rolling restart keeps each client's events in order.
 4. Floods: a client with too many unacked events is not read from (TCP
    backpressure) until the workers catch up; nothing is dropped.
+5. Every client has a live worker that knows it: when a worker dies, its idle
+   clients are bound to others at once and announced to them (ADOPT), so that
+   if this gateway dies too, some worker runs their on_close.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import zmq
 from gateway import protocol
 
 if TYPE_CHECKING:
+    from gateway.clients import ClientTable
     from gateway.connection import ClientConnection
 
 log = logging.getLogger("gateway.workers")
@@ -58,12 +62,14 @@ class WorkerPool:
     def __init__(
         self,
         sock: zmq.Socket,
+        clients: ClientTable | None = None,
         *,
         max_waiting: int,
         flood_limit: int,
         on_sent: Callable[[], None] = lambda: None,
     ) -> None:
         self.sock = sock
+        self.clients = clients
         self.on_sent = on_sent
         self.max_waiting = max_waiting
         self.flood_limit = flood_limit
@@ -160,6 +166,7 @@ class WorkerPool:
             self._ring.append(worker_id)
             log.info("worker linked worker=%s", info.get("id", worker_id))
             self._release_waiting()
+            self._adopt_orphans()
         worker.last_seen = time.monotonic()
 
     def bye(self, worker_id: bytes) -> None:
@@ -226,6 +233,29 @@ class WorkerPool:
             conn.worker = None
             for item in items:
                 self._route(conn, item)
+        self._adopt_orphans()
+
+    def _adopt_orphans(self) -> None:
+        """Bind every client whose worker is gone to a live one, and tell it."""
+        if self.clients is None or not self._ring:
+            return
+        adopted: dict[bytes, list[list[Any]]] = {}
+        for conn in self.clients:
+            if conn.worker is None or conn.worker not in self.workers:
+                worker = self._choose()
+                conn.worker = worker.id
+                entry = [conn.client_id, conn.session_version, conn.session]
+                adopted.setdefault(worker.id, []).append(entry)
+        for worker_id, entries in adopted.items():
+            for start in range(0, len(entries), 1000):
+                chunk = entries[start : start + 1000]
+                try:
+                    self.sock.send_multipart(
+                        [worker_id, protocol.pack([protocol.EVENT_ADOPT, chunk])], zmq.NOBLOCK
+                    )
+                except zmq.ZMQError:
+                    break  # that worker is gone too: its loss adopts them again
+            self.on_sent()
 
     def probe(self) -> None:
         """Find links ZeroMQ has dropped: sending to them fails at once."""
