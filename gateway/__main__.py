@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-message-size", type=int, default=64 * 1024)
     parser.add_argument("--max-send-buffer", type=int, default=1024 * 1024)
     parser.add_argument("--max-waiting", type=int, default=10_000)
+    parser.add_argument("--drain-batch", type=int, default=500, help="clients closed per 50 ms")
+    parser.add_argument("--drain-time", type=float, default=5.0, help="seconds a stop may take")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         max_message_size=args.max_message_size,
         max_send_buffer=args.max_send_buffer,
         max_waiting=args.max_waiting,
+        drain_batch=args.drain_batch,
+        drain_time=args.drain_time,
     )
     return uvloop.run(_run(config))
 

@@ -157,7 +157,7 @@ class ClientConnection(asyncio.Protocol):
         if state is OPEN:
             self.ws.send_close(code, reason)
             self._flush()
-            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
         elif state is State.CONNECTING and self.transport is not None:
             self.transport.close()
         # CLOSING or CLOSED: a close is already under way.
@@ -172,7 +172,7 @@ class ClientConnection(asyncio.Protocol):
 
     # Internals
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
@@ -185,7 +185,7 @@ class ClientConnection(asyncio.Protocol):
         self.gateway.stats_slow_closed += 1
         self.ws.fail(1008, "send buffer full")
         self._flush()
-        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 
     def _flush(self) -> None:
         transport = self.transport

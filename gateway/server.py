@@ -48,6 +48,11 @@ class GatewayConfig:
     max_waiting: int = 10_000
     flood_limit: int = 100
     reuse_port: bool = True
+    drain_batch: int = 500
+    """Clients closed per tick (50 ms) when the gateway stops, so they do not all
+    reconnect elsewhere at the same instant."""
+    drain_time: float = 5.0
+    """The drain never takes longer than this: batches grow to fit."""
     keys: curve.Keys | None = None
     """CURVE keys for the internal links; None for plain links (loopback only)."""
     insecure: bool = False
@@ -199,17 +204,34 @@ class Gateway:
         return self._accepted.is_set() and not self._stopping.is_set()
 
     async def _drain_clients(self) -> None:
-        """Stop accepting, tell every client to go elsewhere (1001), wait a little."""
+        """Stop accepting; close every client with 1012 (reconnect elsewhere) in batches.
+
+        Bounded in time: batches grow so that all are asked within ``drain_time``;
+        clients that do not answer in time are cut. Then wait until the workers
+        have handled every close event (so on_close ran for each client).
+        """
+        start = time.monotonic()
         if self._server is not None:
             self._server.close()
         conns = list(self.clients)
-        for conn in conns:
-            conn.close(1001, "gateway stopping")
-        deadline = time.monotonic() + 3
+        tick = 0.05
+        ticks = max(1, int(self.config.drain_time * 0.6 / tick))
+        batch = max(self.config.drain_batch, -(-len(conns) // ticks))
+        log.info("draining clients=%d batch=%d", len(conns), batch)
+        for first in range(0, len(conns), batch):
+            for conn in conns[first : first + batch]:
+                conn.close(1012, "gateway restarting, reconnect")
+            if first + batch < len(conns):
+                await asyncio.sleep(tick)
+        deadline = start + self.config.drain_time
         while len(self.clients) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        # Give the close events a moment on the wire to the workers.
-        await asyncio.sleep(0.1)
+            await asyncio.sleep(tick)
+        for conn in list(self.clients):
+            conn.abort()
+        await asyncio.sleep(0)  # let connection_lost run for the aborted ones
+        while self.pool.busy and time.monotonic() < deadline + 2:
+            await asyncio.sleep(tick)
+        log.info("drained in %.2f s, unanswered=%d", time.monotonic() - start, len(self.clients))
 
     # Workers side
 

@@ -86,6 +86,11 @@ class WorkerPool:
     def live(self) -> int:
         return len(self._ring)
 
+    @property
+    def busy(self) -> bool:
+        """Events still waiting for a worker or for its acknowledgement."""
+        return bool(self.waiting or self.parked) or any(w.unacked for w in self.workers.values())
+
     # Events from clients
 
     def event(self, conn: ClientConnection, opcode: int, payload: Any = None) -> None:

@@ -225,3 +225,27 @@ async def test_a_killed_gateways_clients_get_on_close(cluster: Cluster) -> None:
         assert gone == {c.uid for c in lost}
     print(f"logouts of a killed gateway's clients after {time.monotonic() - start:.1f} s")
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    [{"gateways": 2, "workers": 1, "gateway_args": ["--drain-batch", "10", "--drain-time", "3"]}],
+    indirect=True,
+)
+async def test_a_stopping_gateway_drains_its_clients_in_batches(cluster: Cluster) -> None:
+    clients = [await ChatClient.open(cluster.ws_url(1)) for _ in range(40)]
+    watcher = await ChatClient.open(cluster.ws_url(0))
+    await watcher.login("watcher", room="drain")
+    for i, client in enumerate(clients):
+        await client.login(f"d{i}", room="drain")
+        await watcher.expect("login")
+    start = time.monotonic()
+    stopper = asyncio.create_task(asyncio.to_thread(cluster.stop_gateway, 1))
+    closes = await asyncio.gather(*(client.closed() for client in clients))
+    await stopper
+    took = time.monotonic() - start
+    assert {code for code, _ in closes} == {1012}
+    assert took < 3 + 2
+    logouts = {(await watcher.expect("logout"))["uid"] for _ in clients}
+    assert logouts == {c.uid for c in clients}  # every on_close ran before the gateway left
+    assert "draining clients=40 batch=10" in cluster.logs()
