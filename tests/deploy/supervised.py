@@ -66,7 +66,6 @@ class Supervised:
         self.config.write_text("".join(f"{k}='{v}'\n" for k, v in self.settings.items()))
         self.socket = self.dir / "run" / f"{role_name(role)}.sock"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._rpc: Any = None
 
     # Commands, optionally inside the namespace
 
@@ -109,14 +108,13 @@ class Supervised:
 
     @property
     def rpc(self) -> Any:
-        """supervisord's XML-RPC interface (``supervisor.*``), over the control socket."""
-        if self._rpc is None:
-            proxy = xmlrpc.client.ServerProxy(
-                "http://127.0.0.1",
-                transport=SupervisorTransport(None, None, f"unix://{self.socket}"),
-            )
-            self._rpc = proxy.supervisor
-        return self._rpc
+        """supervisord's XML-RPC interface (``supervisor.*``), over the control socket.
+        A new connection each time, so threads never share one."""
+        proxy = xmlrpc.client.ServerProxy(
+            "http://127.0.0.1",
+            transport=SupervisorTransport(None, None, f"unix://{self.socket}"),
+        )
+        return proxy.supervisor
 
     def infos(self) -> dict[str, dict[str, Any]]:
         """Every process by its full name (``gateway:gateway0``, ``register``)."""
