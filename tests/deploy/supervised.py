@@ -178,9 +178,9 @@ class Supervised:
         assert log.count("terminated by SIGKILL") == killed, log
 
 
-def status_in(host: Supervised, register: str) -> dict[str, Any] | None:
-    """``python -m register status --json`` run on ``host`` (inside its namespace)."""
-    run = host.run(sys.executable, "-m", "register", "status", "--json", "--register", register)
+def status_in(host: Supervised) -> dict[str, Any] | None:
+    """``deploy/status --json`` run on ``host`` (inside its namespace, with its settings)."""
+    run = host.run(str(DEPLOY / "status"), "--json")
     return json.loads(run.stdout) if run.returncode == 0 else None
 
 
