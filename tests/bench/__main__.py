@@ -54,6 +54,8 @@ QUICK = {
     "load_procs": 2,
     "handshake_concurrency": 16,
     "slow_content_size": 4000,
+    "slow_rate": 200.0,
+    "slow_phase_max": 20.0,
 }
 
 

@@ -67,17 +67,33 @@ def busy_fraction(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     ]
 
 
+def all_cpu() -> dict[int, float]:
+    """CPU seconds of every process on the machine."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            out[int(name)] = cpu_seconds(int(name))
+    return out
+
+
 class CpuMeter:
-    """CPU seconds of groups of processes, and per-core busy time, over an interval."""
+    """CPU seconds of groups of processes, and per-core busy time, over an interval.
+
+    ``others_cpu_s`` is what every other process on the machine used meanwhile
+    (a test suite running beside the benchmark shows up there): figures taken
+    while it is high are disturbed.
+    """
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
+        self.ours = {p for pids in groups.values() for p in pids} | {os.getpid()}
         self.start()
 
     def start(self) -> None:
         self.t0 = time.monotonic()
         self.c0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in self.groups.items()}
         self.s0 = cpu_times()
+        self.a0 = all_cpu()
 
     def stop(self) -> dict[str, Any]:
         wall = time.monotonic() - self.t0
@@ -86,6 +102,11 @@ class CpuMeter:
             used = sum(cpu_seconds(p) for p in pids) - self.c0[k]
             out[f"{k}_cpu_s"] = round(used, 3)
             out[f"{k}_cpu_pct"] = round(100 * used / wall, 1) if wall else 0.0
+        others = sum(
+            max(0.0, v - self.a0.get(p, 0.0)) for p, v in all_cpu().items() if p not in self.ours
+        )
+        out["others_cpu_s"] = round(others, 3)
+        out["others_cpu_pct"] = round(100 * others / wall, 1) if wall else 0.0
         out["core_busy"] = busy_fraction(self.s0, cpu_times())
         return out
 

@@ -75,10 +75,12 @@ class LoadProcess:
         self.login_target = 0
         self.login_event = asyncio.Event()
         self.expected_roster = 0
-        self.t_sent = 0
+        self.stop_send = False
 
     def reset_stats(self) -> None:
         self.lat = array("q")
+        self.timeline: dict[int, int] = {}
+        """worst latency per 100 ms of send time (monotonic ns // 1e8)"""
         self.delivered = 0
         self.errors = 0
         self.error_samples: list[str] = []
@@ -93,18 +95,26 @@ class LoadProcess:
             i = p.find(CONTENT, 25) + 11
             j = p.find(b":", i)
             mid = int(p[i:j])
-            self.delivered += 1
             if self.private:
+                self.delivered += 1
                 self._private(conn, p, mid, j)
                 return
             counts = conn.counts
-            if counts is not None:
-                v = counts[mid]
-                if v < 255:
-                    counts[mid] = v + 1
+            if counts is None:  # not a member being checked (the slow consumer)
+                return
+            self.delivered += 1
+            v = counts[mid]
+            if v < 255:
+                counts[mid] = v + 1
             if self.record_lat:
                 k = p.find(b":", j + 1)
-                self.lat.append(monotonic_ns() - int(p[j + 1 : k]))
+                sent = int(p[j + 1 : k])
+                lat = monotonic_ns() - sent
+                self.lat.append(lat)
+                bucket = sent // 100_000_000
+                tl = self.timeline
+                if tl.get(bucket, 0) < lat:
+                    tl[bucket] = lat
             if self.mid_lo <= mid < self.mid_hi and self.pending.get(mid) is conn:
                 del self.pending[mid]
                 if self.on_own is not None:
@@ -366,6 +376,7 @@ class LoadProcess:
     ) -> dict[str, Any]:
         rng = random.Random(self.index)
         conns = self.conns
+        self.stop_send = False
         pick = itertools.cycle(senders if senders is not None else range(len(conns)))
         self.mid_lo, self.mid_hi = mid_lo, mid_hi
         mid = mid_lo
@@ -374,7 +385,7 @@ class LoadProcess:
         sent = 0
         while True:
             now = time.monotonic()
-            if now >= end or mid >= mid_hi:
+            if now >= end or mid >= mid_hi or self.stop_send:
                 break
             due = min(int((now - t0) * rate) + 1 - sent, mid_hi - mid)
             for _ in range(due):
@@ -441,6 +452,10 @@ class LoadProcess:
             "unanswered": len(self.pending),
         }
 
+    async def cmd_stop_send(self) -> None:
+        """End a running room_send/private_send now."""
+        self.stop_send = True
+
     async def cmd_progress(self) -> dict[str, int]:
         return {"delivered": self.delivered, "errors": self.errors}
 
@@ -477,6 +492,10 @@ class LoadProcess:
         data = self.lat.tobytes()
         self.lat = array("q")
         return data
+
+    async def cmd_timeline(self) -> dict[int, int]:
+        tl, self.timeline = self.timeline, {}
+        return tl
 
     async def cmd_errors(self) -> dict[str, Any]:
         return {"errors": self.errors, "samples": self.error_samples}

@@ -51,6 +51,8 @@ class Settings:
     storm_clients: int = 1000
     content_size: int = 60
     slow_content_size: int = 4000
+    slow_rate: float = 50.0
+    slow_phase_max: float = 45.0
     window: int = 32
     max_says: int = 50_000
     load_procs: int = 4
@@ -218,6 +220,16 @@ class Run:
         for data in self.pool.call("latencies", timeout=60):
             lat.frombytes(data)
         return lat
+
+    def timeline(self, t0_ns: int, worst: int = 5) -> list[list[float]]:
+        """The ``worst`` 100 ms windows of send time: [seconds after t0, worst latency ms]."""
+        merged: dict[int, int] = {}
+        for tl in self.pool.call("timeline", timeout=30):
+            for k, v in tl.items():
+                if merged.get(k, 0) < v:
+                    merged[k] = v
+        top = sorted(merged.items(), key=lambda kv: -kv[1])[:worst]
+        return [[round(k / 10 - t0_ns / 1e9, 1), round(v / 1e6, 1)] for k, v in top]
 
     def errors(self) -> dict[str, Any]:
         res = self.pool.call("errors", timeout=30)
@@ -453,9 +465,7 @@ def room_max(s: Settings) -> dict[str, Any]:
         )
         window = max(1, s.window // procs)
         senders_n = [len(range(i, size, procs)) for i in range(procs)]
-        spy = None
-        if s.profile:
-            spy = start_profile(s, run.servers.gateway_pids[0], s.duration)
+        spy = Profiler(s, run.servers, s.duration, "room_max") if s.profile else None
         meter = run.meter()
         res = run.pool.call(
             "room_flood",
@@ -477,7 +487,7 @@ def room_max(s: Settings) -> dict[str, Any]:
         delivered = run.drain(expected, timeout=20)
         m = meter.stop()
         if spy is not None:
-            profile = finish_profile(spy)
+            profile = spy.finish()
         check = _verify_room(run, [(r["mid_lo"], r["mid_end"]) for r in res])
         errs = run.errors()
         rss = run.servers.rss()
@@ -547,6 +557,7 @@ def private(s: Settings) -> dict[str, Any]:
         per_rate = s.private_rate / procs
         cap = math.ceil(per_rate * s.duration * 1.2) + 10
         slots, ranges = per_proc_ids(cap * procs, procs)
+        spy = Profiler(s, run.servers, s.duration, "private") if s.profile else None
         meter = run.meter()
         res = run.pool.call(
             "private_send",
@@ -567,6 +578,7 @@ def private(s: Settings) -> dict[str, Any]:
         sent = sum(r["sent"] for r in res)
         delivered = run.drain(2 * sent, timeout=15)
         m = meter.stop()
+        profile = spy.finish() if spy is not None else None
         counts = run.pool.call("private_counts", timeout=60)
         to_target = bytearray(slots)
         to_sender = bytearray(slots)
@@ -619,6 +631,7 @@ def private(s: Settings) -> dict[str, Any]:
             **errs,
         },
         "targets": [target("latency_p99_ms", lat["p99_ms"], 5.0, at_most=True, unit="ms")],
+        **({"profile": profile} if profile else {}),
         "summary": f"{n} clients, {s.private_rate:g} private msg/s: p50 {lat['p50_ms']} "
         f"p99 {lat['p99_ms']} ms; {us and round(us, 1)} us server CPU per message",
     }
@@ -691,6 +704,7 @@ def handshakes(s: Settings) -> dict[str, Any]:
         conc = max(1, s.handshake_concurrency // procs)
         urls = run.servers.urls
         srcs = sources(64)
+        spy = Profiler(s, run.servers, s.duration, "handshakes") if s.profile else None
         meter = run.meter()
         res = run.pool.call(
             "handshakes",
@@ -707,6 +721,7 @@ def handshakes(s: Settings) -> dict[str, Any]:
             timeout=s.duration + 60,
         )
         m = meter.stop()
+        profile = spy.finish() if spy is not None else None
         rss = run.servers.rss()
     ok_n = sum(r["ok"] for r in res)
     failed = sum(r["failed"] for r in res)
@@ -741,6 +756,7 @@ def handshakes(s: Settings) -> dict[str, Any]:
             **rss,
         },
         "targets": [target("per_gateway_per_s", round(per_gw, 1), 5000, at_most=False)],
+        **({"profile": profile} if profile else {}),
         "summary": f"{rate:,.0f} handshakes/s on {gateways} gateway(s) "
         f"({per_gw:,.0f} per gateway); gateway CPU {gw_us and round(gw_us)} us each",
     }
@@ -753,10 +769,10 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
     room = f"slow-{os.urandom(3).hex()}"
     slow_idx = 0  # connection 0 of process 0
     phase = s.duration
-    slow_phase_max = max(phase, 30.0 if not s.quick else 15.0)
+    slow_phase_max = max(phase, s.slow_phase_max)
     with Run(s, gateways=gateways, procs=procs) as run:
         setup = _room_setup(run, room, size, rcvbuf={0: {slow_idx: 4096}})
-        per_rate = s.rate / procs
+        per_rate = s.slow_rate / procs
         cap = math.ceil(per_rate * (phase + slow_phase_max) * 1.2) + 10
         slots, ranges = per_proc_ids(cap * procs, procs)
         senders = [
@@ -781,25 +797,31 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
 
         # Phase A: everyone reads
         run.pool.call("prepare_room", {"members": True, "slots": slots}, timeout=30)
+        t_a_ns = time.monotonic_ns()
         meter = run.meter()
         res_a = run.pool.wait(send([r[0] for r in ranges], phase), timeout=phase + 30)
         sent_a = sum(r["sent"] for r in res_a)
         delivered_a = run.drain(sent_a * size, timeout=15)
         m_a = meter.stop()
         lat_a = percentiles(run.latencies())
+        worst_a = run.timeline(t_a_ns)
         check_a = _verify_room(run, [(r["mid_lo"], r["mid_end"]) for r in res_a])
 
-        # Phase B: connection 0 stops reading
+        # Phase B: connection 0 stops reading; the same traffic goes on until it is cut
+        # off (and at least ``phase`` seconds), at most ``slow_phase_max`` seconds.
         slow_uid = run.pool.call_one(0, "slow", {"idx": slow_idx}, timeout=10)
         base_delivered = sum(r["delivered"] for r in run.pool.call("progress", timeout=10))
         known = {e["client"] for e in run.servers.slow_closed()}
         t_slow_wall = time.time()
         t_slow = time.monotonic()
+        t_slow_ns = time.monotonic_ns()
         meter = run.meter()
         req = send([r["mid_end"] for r in res_a], slow_phase_max)
         cut: dict[str, Any] = {"cut_off": False}
         resume: dict[str, Any] | None = None
-        while time.monotonic() - t_slow < slow_phase_max + 1:
+        t_cut: float | None = None
+        while time.monotonic() - t_slow < slow_phase_max:
+            now = time.monotonic()
             if resume is None:
                 hits = [e for e in run.servers.slow_closed() if e["client"] not in known]
                 hit = next((e for e in hits if e["client"] == slow_uid), None)
@@ -807,9 +829,10 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                 if hit is None and not run.servers.log_dir:
                     state = run.pool.call_one(0, "tcp_state", {"idx": slow_idx}, timeout=10)
                 if hit is not None or (state is not None and state != 1):
+                    t_cut = now
                     cut = {
                         "cut_off": True,
-                        "seen_after_s": round(time.monotonic() - t_slow, 3),
+                        "seen_after_s": round(now - t_slow, 3),
                         "source": "gateway log" if hit else f"tcp state {state}",
                     }
                     if hit:
@@ -817,12 +840,10 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                         cut["buffered_bytes"] = hit["buffered"]
                         cut["other_slow_closed"] = [e["client"] for e in hits if e is not hit]
                     resume = run.pool.call_one(0, "resume", {"idx": slow_idx}, timeout=15)
-                    if time.monotonic() - t_slow >= phase:
-                        break
-            elif time.monotonic() - t_slow >= phase:
+            elif now - t_slow >= phase and now - t_cut >= 2.0:
                 break
             time.sleep(0.05)
-        # stop the senders: they end at slow_phase_max; to bound the phase, we wait for them
+        run.pool.call("stop_send", timeout=10)
         res_b = run.pool.wait(req, timeout=slow_phase_max + 30)
         if resume is None:
             resume = run.pool.call_one(0, "resume", {"idx": slow_idx}, timeout=15)
@@ -831,6 +852,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
         delivered_b = run.drain(base_delivered + sent_b * members, timeout=20) - base_delivered
         m_b = meter.stop()
         lat_b = percentiles(run.latencies())
+        worst_b = run.timeline(t_slow_ns)
         check_b = _verify_room(
             run, [(r["mid_lo"], r["mid_end"]) for r in res_b], skip={0: [slow_idx]}
         )
@@ -877,6 +899,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                 "deliveries": delivered_a,
                 **{f"latency_{k}": v for k, v in lat_a.items()},
                 "cpu": m_a,
+                "worst_windows_s_ms": worst_a,
                 **check_a,
             },
             "phase_b": {
@@ -884,6 +907,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                 "deliveries": delivered_b,
                 **{f"latency_{k}": v for k, v in lat_b.items()},
                 "cpu": m_b,
+                "worst_windows_s_ms": worst_b,
                 **check_b,
             },
             "p99_moved_ms": moved,
@@ -914,49 +938,65 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
 # Profiling
 
 
-def start_profile(s: Settings, pid: int, duration: float) -> dict[str, Any] | None:
-    """py-spy on the gateway (collapsed stacks, non-blocking), run on the load core."""
-    import shutil
-    import sys
+class Profiler:
+    """py-spy on the first gateway and the first worker (collapsed stacks, non-blocking).
 
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not os.path.exists(spy):
-        s.log("py-spy not found (pip install py-spy): no profile")
-        return None
-    s.out_dir.mkdir(parents=True, exist_ok=True)
-    raw = s.out_dir / f"gateway-{pid}.collapsed.txt"
-    cmd = [
-        spy,
-        "record",
-        "--pid",
-        str(pid),
-        "--duration",
-        str(max(1, int(duration))),
-        "--nonblocking",
-        "--rate",
-        "200",
-        "--format",
-        "raw",
-        "-o",
-        str(raw),
-    ]
-    cpus = s.load_cpus
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-    )
-    return {"procs": [proc], "raw": raw, "pid": pid}
+    py-spy runs on the load core so that the servers' core is disturbed as little as
+    possible; it still costs the profiled process a little, so profiled runs are for
+    naming hot functions, not for the figures.
+    """
+
+    def __init__(self, s: Settings, servers: Servers, duration: float, tag: str) -> None:
+        import shutil
+        import sys
+
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.path.exists(spy):
+            s.log("py-spy not found (pip install py-spy): no profile")
+            return
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        cpus = s.load_cpus
+        for role, pids in (("gateway", servers.gateway_pids), ("worker", servers.worker_pids)):
+            if not pids:
+                continue
+            raw = s.out_dir / f"{tag}-{role}-{pids[0]}.collapsed.txt"
+            cmd = [
+                spy,
+                "record",
+                "--pid",
+                str(pids[0]),
+                "--duration",
+                str(max(1, int(duration))),
+                "--nonblocking",
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "-o",
+                str(raw),
+            ]
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+            )
+            self.procs.append((role, proc, raw))
+
+    def finish(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for role, proc, raw in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            out[role] = summarize_collapsed(raw)
+        return out
 
 
-def finish_profile(spy: dict[str, Any]) -> dict[str, Any]:
-    for p in spy["procs"]:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    raw: Path = spy["raw"]
+def summarize_collapsed(raw: Path, top: int = 12) -> dict[str, Any]:
+    """Self and inclusive shares of the hottest functions in a py-spy raw (collapsed) file."""
     if not raw.exists():
         return {"error": "py-spy wrote nothing"}
     self_counts: dict[str, int] = {}
@@ -969,17 +1009,23 @@ def finish_profile(spy: dict[str, Any]) -> dict[str, Any]:
         count = int(n)
         samples += count
         frames = stack.split(";")
-        leaf = frames[-1]
-        self_counts[leaf] = self_counts.get(leaf, 0) + count
+        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
         for f in set(frames):
             total_counts[f] = total_counts.get(f, 0) + count
-    top_self = sorted(self_counts.items(), key=lambda kv: -kv[1])[:12]
-    top_total = sorted(total_counts.items(), key=lambda kv: -kv[1])[:12]
+    if not samples:
+        return {"samples": 0}
+
+    def share(d: dict[str, int]) -> list[list[Any]]:
+        return [
+            [f, round(100 * c / samples, 1)]
+            for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        ]
+
     return {
         "samples": samples,
         "collapsed": str(raw),
-        "top_self": [[f, round(100 * c / samples, 1)] for f, c in top_self],
-        "top_total": [[f, round(100 * c / samples, 1)] for f, c in top_total],
+        "top_self_pct": share(self_counts),
+        "top_inclusive_pct": share(total_counts),
     }
 
 
