@@ -75,6 +75,8 @@ class Gateway:
         self.ids = IdAllocator(fresh_prefix())
         self.clients = ClientTable()
         self.stats_slow_closed = 0
+        self._outbox: list[ClientConnection] = []
+        self._flush_scheduled = False
         self._accepted = asyncio.Event()
         self._stopping = asyncio.Event()
         self.failed = False
@@ -101,6 +103,19 @@ class Gateway:
     def closed(self, conn: ClientConnection) -> None:
         self.clients.remove(conn)
         self.pool.event(conn, protocol.EVENT_CLOSE)
+
+    def flush_later(self, conn: ClientConnection) -> None:
+        """Write ``conn``'s queued frames at the end of this loop turn."""
+        self._outbox.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, []
+        for conn in outbox:
+            conn.flush_out()
 
     # Lifecycle
 
