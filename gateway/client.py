@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from gateway import protocol as p
+from gateway.zmqreader import BatchReader
 from register.keys import Keys
 
 log = logging.getLogger("gateway.client")
@@ -101,21 +102,21 @@ class GatewayLink:
         if keys is not None:
             keys.client(self._asock)
         self._asock.connect(address)
-        self._sock = zmq.Socket.shadow(self._asock.underlying)
+        self._reader = BatchReader(self._asock, self._drain)
+        self._sock = self._reader.sock
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._acks: list[int] = []
         self._ack_scheduled = False
         self._bye_ok: asyncio.Future[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._check_scheduled = False
+        self._task: asyncio.Task[None] | None = None
 
     def start(self, hello: list[Any]) -> None:
         self.send_frame(p.pack(hello))
-        self._reader = asyncio.create_task(self._read())
+        self._task = asyncio.create_task(self._reader.run())
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._task is not None:
+            self._task.cancel()
         for future in self._replies.values():
             if not future.done():
                 future.set_exception(ConnectionError(f"link to gateway {self.gateway_id} closed"))
@@ -126,20 +127,7 @@ class GatewayLink:
 
     def send_frame(self, frame: bytes) -> None:
         self._sock.send(frame, zmq.NOBLOCK)
-        self._schedule_check()
-
-    def _schedule_check(self) -> None:
-        if not self._check_scheduled:
-            self._check_scheduled = True
-            asyncio.get_running_loop().call_soon(self._check_readable)
-
-    def _check_readable(self) -> None:
-        # The ZeroMQ descriptor is edge-triggered: a send can swallow the edge
-        # that announced incoming messages, and the poll would then sleep on
-        # messages already queued. So after sending, look once per loop turn.
-        self._check_scheduled = False
-        if not self._sock.closed and self._sock.get(zmq.EVENTS) & zmq.POLLIN:
-            self._drain()
+        self._reader.sent()
 
     def ack(self, seq: int) -> None:
         """Acknowledge a handled event; acks leave in one message per loop turn."""
@@ -188,18 +176,13 @@ class GatewayLink:
 
     # In
 
-    async def _read(self) -> None:
-        while True:
-            await self._asock.poll(flags=zmq.POLLIN)
-            self._drain()
-
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
         sock, on_event = self._sock, self.on_event
         for _ in range(BATCH):
             try:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                break
+                return False
             try:
                 message = p.unpack(frame)
             except ValueError as exc:
@@ -218,5 +201,4 @@ class GatewayLink:
                     on_event(self, message)
                 except Exception:
                     log.exception("event handling failed gateway=%s", self.gateway_id)
-        else:  # batch full: let the loop breathe, then carry on
-            self._schedule_check()
+        return True

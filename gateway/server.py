@@ -24,6 +24,7 @@ from gateway.commands import Commands
 from gateway.connection import ClientConnection
 from gateway.ids import IdAllocator, fresh_prefix
 from gateway.workers import WorkerPool
+from gateway.zmqreader import BatchReader
 from register import keys as curve
 from register import protocol as register_protocol
 from register.client import RegisterClient
@@ -132,14 +133,14 @@ class Gateway:
         monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
         asock.bind(self.config.internal)
         self.address = self.config.advertise or asock.getsockopt_string(zmq.LAST_ENDPOINT)
-        sock = self._sock = zmq.Socket.shadow(asock.underlying)
-        self._check_scheduled = False
+        reader = BatchReader(asock, self._drain_workers)
+        sock = self._sock = reader.sock
         self.pool = WorkerPool(
             sock,
             self.clients,
             max_waiting=self.config.max_waiting,
             flood_limit=self.config.flood_limit,
-            on_sent=self._sent,
+            on_sent=reader.sent,
         )
         self.commands = Commands(self.clients, self.pool, sock)
         self.register = RegisterClient(
@@ -173,10 +174,10 @@ class Gateway:
                 self.config.port,
                 os.getpid(),
             )
-            reader = self._background(self._read_workers(asock))
+            reading = self._background(reader.run())
             await self._stopping.wait()
             await self._drain_clients()
-            reader.cancel()
+            reading.cancel()
         finally:
             for task in tasks:
                 task.cancel()
@@ -250,38 +251,17 @@ class Gateway:
 
     # Workers side
 
-    async def _read_workers(self, asock: zmq.asyncio.Socket) -> None:
-        while True:
-            await asock.poll(flags=zmq.POLLIN)
-            self._drain_workers()
-
-    def _drain_workers(self) -> None:
+    def _drain_workers(self) -> bool:
         sock, handle = self._sock, self.commands.handle
         for _ in range(BATCH):
             try:
                 worker_id, frame = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             except ValueError:
                 continue
             handle(worker_id, frame)
-        self._sent()  # batch full: come back after the loop had a turn
-
-    def _sent(self) -> None:
-        """Called after sending to workers outside the read loop.
-
-        The ZeroMQ descriptor is edge-triggered: a send can swallow the edge
-        that announced incoming messages, and the poll would then sleep on
-        messages already queued. So after sending, look once per loop turn.
-        """
-        if not self._check_scheduled:
-            self._check_scheduled = True
-            asyncio.get_running_loop().call_soon(self._check_readable)
-
-    def _check_readable(self) -> None:
-        self._check_scheduled = False
-        if not self._sock.closed and self._sock.get(zmq.EVENTS) & zmq.POLLIN:
-            self._drain_workers()
+        return True
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """A dropped TCP link means a worker may be gone: probe them all at once."""

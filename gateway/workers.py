@@ -270,6 +270,7 @@ class WorkerPool:
                 self.sock.send_multipart([worker_id, frame], zmq.NOBLOCK)
             except zmq.ZMQError:
                 self.lost(worker_id, "disconnected")
+        self.on_sent()
 
     def expire(self, now: float) -> None:
         for worker_id, worker in list(self.workers.items()):
