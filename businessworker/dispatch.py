@@ -1,8 +1,11 @@
 """The worker's dispatch: client events -> application callbacks, in order per client.
 
-Plain callbacks run inline (no task); an ``async def`` callback becomes a task,
-and while it runs the same client's later events wait behind it, so every
-client's events are handled in order while other clients go on.
+Plain callbacks run inline. An ``async def`` callback also starts inline and
+runs until it first waits for something (as Python 3.12's eager tasks do); one
+that never waits (a broadcast, say) costs no task at all. One that does wait
+goes on in a task, and while it runs the same client's later events wait
+behind it, so every client's events are handled in order while other clients
+go on.
 
 A callback that raises is logged with its client id; the event still counts as
 handled, nothing else is touched, and the worker carries on.
@@ -126,6 +129,8 @@ class Dispatcher:
         token = api._scope.set(scope)
         try:
             result = self._call(op, client_id, session, message)
+            if inspect.iscoroutine(result):
+                result = _start(result)
             if inspect.isawaitable(result):
                 self.busy[client_id] = deque()
                 self._idle.clear()
@@ -217,3 +222,46 @@ class Dispatcher:
             if client_id in self.busy:  # went async again: the rest waits behind it
                 self.busy[client_id].extend(queue)
                 return
+
+
+class _Suspended:
+    """A coroutine that ran inline up to its first wait, and what it waits for."""
+
+    __slots__ = ("coro", "waiting_for")
+
+    def __init__(self, coro: Any, waiting_for: Any) -> None:
+        self.coro = coro
+        self.waiting_for = waiting_for
+
+    def __await__(self) -> Any:
+        return _drive(self.coro, self.waiting_for).__await__()
+
+
+def _start(coro: Any) -> Any:
+    """Run a coroutine inline until it first suspends; None if it finished."""
+    try:
+        waiting_for = coro.send(None)
+    except StopIteration:
+        return None
+    return _Suspended(coro, waiting_for)
+
+
+async def _drive(coro: Any, waiting_for: Any) -> None:
+    """Go on with a started coroutine, as a task would: wait for what it yielded, resume it."""
+    while True:
+        try:
+            if waiting_for is None:  # a bare yield: just give the loop a turn
+                await asyncio.sleep(0)
+            else:
+                waiting_for._asyncio_future_blocking = False
+                await asyncio.wait((waiting_for,))  # its outcome reaches the coroutine below
+        except asyncio.CancelledError as exc:
+            try:
+                waiting_for = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting_for = coro.send(None)
+        except StopIteration:
+            return
