@@ -242,6 +242,9 @@ async def test_register_down_10s_chat_goes_on_and_newcomers_join_when_it_is_back
             await late.say("from the new gateway, via the new worker")
             for c in [*clients, late]:
                 assert (await c.expect("say"))["content"].startswith("from the new gateway")
+            # Workers back, so that every gateway's drain at the end has workers to run
+            # on_close (a gateway without workers waits out its drain time).
+            m.sup.rpc.startProcessGroup("worker", True)
         finally:
             logs = await asyncio.gather(*(asyncio.to_thread(sup.stop) for sup in newcomers))
             for sup, log in zip(newcomers, logs, strict=True):
