@@ -94,9 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-procs", type=int, help="load processes (default 4)")
     p.add_argument("--quick", action="store_true", help="small sizes: the whole run in < 60 s")
     p.add_argument(
-        "--no-pin",
-        action="store_true",
-        help="do not pin servers to CPU 0 and load to CPU 1",
+        "--pin",
+        choices=["both", "servers", "none"],
+        default="both",
+        help="both (default): servers on CPU 0, load processes on CPU 1; servers: servers on "
+        "CPU 0, load anywhere; none: no affinity",
     )
     p.add_argument("--url", help="target a running cluster: ws://HOST:PORT of a gateway")
     p.add_argument("--register", help="register of that cluster, for gateway/worker pids")
@@ -140,7 +142,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
-    s.pin = not args.no_pin
+    s.pin = args.pin
     s.url = args.url
     s.register = args.register
     s.gateway_args = list(args.gateway_arg)

@@ -80,6 +80,9 @@ class LoadProcess:
     def reset_stats(self) -> None:
         self.lat = array("q")
         self.timeline: dict[int, int] = {}
+        self.first: array | None = None
+        """per message id: latency of its first and last delivery in this process"""
+        self.last: array | None = None
         """worst latency per 100 ms of send time (monotonic ns // 1e8)"""
         self.delivered = 0
         self.errors = 0
@@ -115,6 +118,13 @@ class LoadProcess:
                 tl = self.timeline
                 if tl.get(bucket, 0) < lat:
                     tl[bucket] = lat
+                first = self.first
+                if first is not None:
+                    f = first[mid]
+                    if f == 0 or lat < f:
+                        first[mid] = lat
+                    if lat > self.last[mid]:
+                        self.last[mid] = lat
             if self.mid_lo <= mid < self.mid_hi and self.pending.get(mid) is conn:
                 del self.pending[mid]
                 if self.on_own is not None:
@@ -332,6 +342,9 @@ class LoadProcess:
         for c in self.conns:
             c.counts = bytearray(slots) if members else None
             c.roster = None
+        if record_lat:
+            self.first = array("q", bytes(8 * slots))
+            self.last = array("q", bytes(8 * slots))
 
     async def cmd_room_send(
         self,
@@ -492,6 +505,12 @@ class LoadProcess:
         data = self.lat.tobytes()
         self.lat = array("q")
         return data
+
+    async def cmd_spread(self) -> tuple[bytes, bytes]:
+        """Per message id, this process's first and last delivery latency (0: none)."""
+        if self.first is None:
+            return b"", b""
+        return self.first.tobytes(), self.last.tobytes()
 
     async def cmd_timeline(self) -> dict[int, int]:
         tl, self.timeline = self.timeline, {}

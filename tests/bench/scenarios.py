@@ -59,7 +59,8 @@ class Settings:
     handshake_concurrency: int = 64
     floor_connections: int = 1000
     floor_sends: int = 300_000
-    pin: bool = True
+    pin: str = "both"
+    """both: servers on CPU 0, load on CPU 1; servers: servers on CPU 0 only; none"""
     url: str | None = None
     register: str | None = None
     out_dir: Path = Path("tests/output/bench")
@@ -73,11 +74,12 @@ class Settings:
 
     @property
     def server_cpus(self) -> list[int] | None:
-        return [0] if self.pin and os.cpu_count() and os.cpu_count() >= 2 else None
+        two = (os.cpu_count() or 1) >= 2
+        return [0] if self.pin in ("both", "servers") and two else None
 
     @property
     def load_cpus(self) -> list[int] | None:
-        return [1] if self.server_cpus else None
+        return [1] if self.pin == "both" and self.server_cpus else None
 
 
 # Helpers
@@ -220,6 +222,36 @@ class Run:
         for data in self.pool.call("latencies", timeout=60):
             lat.frombytes(data)
         return lat
+
+    def spread(self, ranges: list[tuple[int, int]]) -> dict[str, Any]:
+        """Latency of each say's first and last delivery (the fan-out span), p50/p99."""
+        firsts: array | None = None
+        lasts: array | None = None
+        for f_b, l_b in self.pool.call("spread", timeout=60):
+            if not f_b:
+                continue
+            f, la = array("q"), array("q")
+            f.frombytes(f_b)
+            la.frombytes(l_b)
+            if firsts is None:
+                firsts, lasts = f, la
+                continue
+            for i, v in enumerate(f):
+                if v and (firsts[i] == 0 or v < firsts[i]):
+                    firsts[i] = v
+                if la[i] > lasts[i]:
+                    lasts[i] = la[i]
+        if firsts is None:
+            return {}
+        first = [firsts[i] for lo, hi in ranges for i in range(lo, hi) if firsts[i]]
+        last = [lasts[i] for lo, hi in ranges for i in range(lo, hi) if lasts[i]]
+        pf, pl = percentiles(first), percentiles(last)
+        return {
+            "first_delivery_p50_ms": pf["p50_ms"],
+            "first_delivery_p99_ms": pf["p99_ms"],
+            "last_delivery_p50_ms": pl["p50_ms"],
+            "last_delivery_p99_ms": pl["p99_ms"],
+        }
 
     def timeline(self, t0_ns: int, worst: int = 5) -> list[list[float]]:
         """The ``worst`` 100 ms windows of send time: [seconds after t0, worst latency ms]."""
@@ -386,6 +418,7 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
         slots, ranges = per_proc_ids(cap * procs, procs)
         run.pool.call("prepare_room", {"members": True, "slots": slots}, timeout=30)
         senders_n = [len(range(i, size, procs)) for i in range(procs)]
+        t0_ns = time.monotonic_ns()
         meter = run.meter()
         res = run.pool.call(
             "room_send",
@@ -409,6 +442,8 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
         sent_ranges = [(r["mid_lo"], r["mid_end"]) for r in res]
         check = _verify_room(run, sent_ranges)
         lat = percentiles(run.latencies())
+        worst = run.timeline(t0_ns)
+        spread = run.spread(sent_ranges)
         errs = run.errors()
         rss = run.servers.rss()
     us = m["server_cpu_s"] / delivered * 1e6 if delivered else None
@@ -434,6 +469,8 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
             "expected_deliveries": expected,
             "deliveries_per_s": round(delivered / m["wall_s"], 1),
             **{f"latency_{k}": v for k, v in lat.items()},
+            **spread,
+            "worst_windows_s_ms": worst,
             "server_us_per_delivery": round(us, 3) if us else None,
             "x_floor": x,
             "floor_us": s.floor_us,
@@ -805,6 +842,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
         m_a = meter.stop()
         lat_a = percentiles(run.latencies())
         worst_a = run.timeline(t_a_ns)
+        spread_a = run.spread([(r["mid_lo"], r["mid_end"]) for r in res_a])
         check_a = _verify_room(run, [(r["mid_lo"], r["mid_end"]) for r in res_a])
 
         # Phase B: connection 0 stops reading; the same traffic goes on until it is cut
@@ -853,6 +891,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
         m_b = meter.stop()
         lat_b = percentiles(run.latencies())
         worst_b = run.timeline(t_slow_ns)
+        spread_b = run.spread([(r["mid_lo"], r["mid_end"]) for r in res_b])
         check_b = _verify_room(
             run, [(r["mid_lo"], r["mid_end"]) for r in res_b], skip={0: [slow_idx]}
         )
@@ -900,6 +939,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                 **{f"latency_{k}": v for k, v in lat_a.items()},
                 "cpu": m_a,
                 "worst_windows_s_ms": worst_a,
+                **spread_a,
                 **check_a,
             },
             "phase_b": {
@@ -908,6 +948,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                 **{f"latency_{k}": v for k, v in lat_b.items()},
                 "cpu": m_b,
                 "worst_windows_s_ms": worst_b,
+                **spread_b,
                 **check_b,
             },
             "p99_moved_ms": moved,
