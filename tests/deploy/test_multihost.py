@@ -169,8 +169,11 @@ def hosts() -> Iterator[Hosts]:
         h.wait_mesh()
         yield h
     finally:
-        with ThreadPoolExecutor() as pool:  # SIGTERM each supervisord, all at once
-            logs = list(zip(started, pool.map(Supervised.stop, started), strict=True))
+        # Gateway hosts first (their drain needs the workers), then the worker host.
+        gateways = [s for s in started if s.label in "ab"]
+        with ThreadPoolExecutor() as pool:
+            logs = list(zip(gateways, pool.map(Supervised.stop, gateways), strict=True))
+        logs += [(s, s.stop()) for s in started if s not in gateways]
         net.down()
     for sup, log in logs:
         sup.assert_stopped_cleanly(log)

@@ -16,8 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,18 +87,22 @@ def settings(register: str, port: int, gateways: int, workers: int, **extra: Any
     }
 
 
-@contextmanager
-def one_machine(gateways: int = 2, workers: int = 3, **extra: Any) -> Iterator[OneMachine]:
+@asynccontextmanager
+async def one_machine(
+    gateways: int = 2, workers: int = 3, **extra: Any
+) -> AsyncIterator[OneMachine]:
+    """The one-machine role on free ports. Blocking steps run in a thread, so that the
+    test's clients keep answering (a stopping gateway waits for their close handshake)."""
     register, port = f"tcp://127.0.0.1:{free_port()}", free_port()
     sup = Supervised("all", settings(register, port, gateways, workers, **extra))
     machine = OneMachine(sup, register, port, gateways, workers)
-    sup.start()
+    await asyncio.to_thread(sup.start)
     try:
-        sup.wait_running()
-        machine.wait_mesh()
+        await asyncio.to_thread(sup.wait_running)
+        await asyncio.to_thread(machine.wait_mesh)
         yield machine
     finally:
-        log = sup.stop()
+        log = await asyncio.to_thread(sup.stop)
     sup.assert_stopped_cleanly(log, killed=machine.killed)
 
 
@@ -108,7 +112,7 @@ def assert_open(clients: list[ChatClient]) -> None:
 
 
 async def test_sigkilled_worker_is_restarted_and_no_message_is_lost() -> None:
-    with one_machine(workers=3) as m:
+    async with one_machine(workers=3) as m:
         clients = await open_clients(m.url, 8)
         await login_room(clients, "kill")
         traffic = Traffic([clients])
@@ -140,7 +144,7 @@ def assert_page_served(m: OneMachine) -> None:
 
 
 async def test_sigkilled_gateway_clients_are_logged_out_and_reconnect() -> None:
-    with one_machine(workers=2) as m:
+    async with one_machine(workers=2) as m:
         # Both gateways share the port: open clients until each gateway holds some.
         status = m.status()
         clients = await open_clients(m.url, 12)
@@ -181,7 +185,8 @@ async def test_sigkilled_gateway_clients_are_logged_out_and_reconnect() -> None:
         assert_open(survivors)
 
         # Supervisor restarts the gateway; the dropped clients come back through the port.
-        print(f"gateway restarted after {m.wait_restarted(name, victim_pid):.1f} s")
+        took = await asyncio.to_thread(m.wait_restarted, name, victim_pid)
+        print(f"gateway restarted and linked after {took:.1f} s")
         again = await open_clients(m.url, len(victims))
         for i, client in enumerate(again):
             users = await client.login(f"back-{i}", room="gw")
@@ -194,7 +199,7 @@ async def test_sigkilled_gateway_clients_are_logged_out_and_reconnect() -> None:
 
 
 async def test_register_down_10s_chat_goes_on_and_newcomers_join_when_it_is_back() -> None:
-    with one_machine(gateways=2, workers=2) as m:
+    async with one_machine(gateways=2, workers=2) as m:
         clients = await open_clients(m.url, 6)
         await login_room(clients, "reg")
         traffic = Traffic([clients])
@@ -237,14 +242,14 @@ async def test_register_down_10s_chat_goes_on_and_newcomers_join_when_it_is_back
             for c in clients:
                 assert (await c.expect("login"))["uid"] == late.uid
             # Only the newcomer worker is left: it handles the chat.
-            m.sup.rpc.stopProcessGroup("worker", True)
-            wait_mesh(m.status, 3, 1)
+            await asyncio.to_thread(m.sup.rpc.stopProcessGroup, "worker", True)
+            await asyncio.to_thread(wait_mesh, m.status, 3, 1)
             await late.say("from the new gateway, via the new worker")
             for c in [*clients, late]:
                 assert (await c.expect("say"))["content"].startswith("from the new gateway")
             # Workers back, so that every gateway's drain at the end has workers to run
             # on_close (a gateway without workers waits out its drain time).
-            m.sup.rpc.startProcessGroup("worker", True)
+            await asyncio.to_thread(m.sup.rpc.startProcessGroup, "worker", True)
         finally:
             logs = await asyncio.gather(*(asyncio.to_thread(sup.stop) for sup in newcomers))
             for sup, log in zip(newcomers, logs, strict=True):
@@ -252,7 +257,7 @@ async def test_register_down_10s_chat_goes_on_and_newcomers_join_when_it_is_back
 
 
 async def test_reload_workers_with_200_clients_closes_nothing_and_loses_nothing() -> None:
-    with one_machine(gateways=2, workers=4) as m:
+    async with one_machine(gateways=2, workers=4) as m:
         clients = await open_clients(m.url, 200)
         rooms = [clients[i : i + 10] for i in range(0, 200, 10)]
         await asyncio.gather(*(login_room(room, f"room{i}") for i, room in enumerate(rooms)))
@@ -283,7 +288,7 @@ async def test_reload_workers_with_200_clients_closes_nothing_and_loses_nothing(
         assert traffic.repeated() == 0  # clean stops: exactly once
         assert not traffic.out_of_order()
         assert_open(clients)
-        m.wait_mesh()
+        await asyncio.to_thread(m.wait_mesh)
 
 
 def gateway_has(option: str) -> bool:
@@ -299,7 +304,7 @@ async def test_a_stopping_gateway_drains_in_batches_within_its_drain_time() -> N
         "python -m gateway has no --drain-batch/--drain-time yet (core part not in)"
     )
     args = f"--drain-batch {batch} --drain-time {drain_time:g}"
-    with one_machine(gateways=2, workers=2, CHAT_GATEWAY_ARGS=args) as m:
+    async with one_machine(gateways=2, workers=2, CHAT_GATEWAY_ARGS=args) as m:
         status = m.status()
         clients = await open_clients(m.url, 160)
         for i, c in enumerate(clients):  # a room each: cheap, and it gives the uid
@@ -355,5 +360,5 @@ async def test_a_stopping_gateway_drains_in_batches_within_its_drain_time() -> N
         for i, c in enumerate(back):
             await c.login(f"back{i}", room="new")
             assert c.uid >> 22 in other["prefixes"]
-        m.sup.rpc.startProcess("gateway:gateway0", True)
-        m.wait_mesh()
+        await asyncio.to_thread(m.sup.rpc.startProcess, "gateway:gateway0", True)
+        await asyncio.to_thread(m.wait_mesh)
