@@ -147,7 +147,7 @@ async def test_sigkilled_gateway_clients_are_logged_out_and_reconnect() -> None:
     async with one_machine(workers=2) as m:
         # Both gateways share the port: open clients until each gateway holds some.
         status = m.status()
-        clients = await open_clients(m.url, 12)
+        clients = await open_clients(m.url, 16)
         await login_room(clients, "gw")
         by_gateway: dict[int, list[ChatClient]] = {}
         for c in clients:
