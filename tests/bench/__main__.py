@@ -217,6 +217,7 @@ def key_figures(r: dict[str, Any]) -> list[tuple[str, Any]]:
         out += [
             ("srv CPU%", cpu.get("server_cpu_pct")),
             ("cli CPU%", cpu.get("client_cpu_pct")),
+            ("other CPU%", cpu.get("others_cpu_pct")),
         ]
     return out
 
@@ -244,6 +245,26 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def source_version() -> str:
+    """The commit under test, with "+dirty" when the work tree has changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
@@ -262,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, "floor")
     results = []
     t_start = time.monotonic()
+    version = source_version()
     for name in names:
         log(f"{name}: starting")
         t0 = time.monotonic()
@@ -269,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
             r = SCENARIOS[name](s)
         except Exception as exc:
             r = {"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"}
-        r = {"scenario": name, **r, "seconds": round(time.monotonic() - t0, 1)}
+        r = {
+            "scenario": name,
+            **r,
+            "seconds": round(time.monotonic() - t0, 1),
+            "source": version,
+            "pin": s.pin,
+        }
         results.append(r)
         print(json.dumps(r, separators=(",", ":"), default=str), flush=True)
         log(f"{name}: {'ok' if r['ok'] else 'FAILED'} in {r['seconds']} s: {r.get('summary', '')}")

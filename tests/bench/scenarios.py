@@ -691,9 +691,11 @@ def login_storm(s: Settings) -> dict[str, Any]:
             ],
             timeout=30,
         )
+        spy = Profiler(s, run.servers, 10, "login_storm") if s.profile else None
         meter = run.meter()
         res = run.pool.call("storm_go", {"room": room, "timeout": timeout}, timeout=timeout + 30)
         m = meter.stop()
+        profile = spy.finish() if spy is not None else None
         rss = run.servers.rss()
     t0 = min(r["t0"] for r in res)
     done = sum(r["done"] for r in res)
@@ -729,6 +731,7 @@ def login_storm(s: Settings) -> dict[str, Any]:
             "error_samples": [x for r in res for x in r["error_samples"]][:3],
         },
         "targets": [target("complete_s", complete_s and round(complete_s, 3), 2.0, at_most=True)],
+        **({"profile": profile} if profile else {}),
         "summary": f"{n} logins at once: every roster complete after "
         f"{complete_s and round(complete_s, 2)} s ({done}/{n} complete)",
     }
