@@ -97,10 +97,10 @@ class Network:
         self.down()
 
     def up(self) -> None:
-        remove_stale()
         try:
+            remove_stale()
             self._add(self.switch)
-        except (RuntimeError, FileNotFoundError) as exc:
+        except (RuntimeError, OSError) as exc:  # no iproute2, no privilege
             raise Unavailable(str(exc)) from exc
         existing = ip("route", "show", SUBNET).stdout.strip()
         if existing and not existing.startswith("blackhole"):
