@@ -144,7 +144,7 @@ def assert_page_served(m: OneMachine) -> None:
 
 async def test_sigkilled_gateway_clients_are_logged_out_and_reconnect() -> None:
     async with one_machine(workers=2) as m:
-        # Both gateways share the port: open clients until each gateway holds some.
+        # Both gateways share the port; the kernel spreads 16 clients over both.
         status = m.status()
         clients = await open_clients(m.url, 16)
         await login_room(clients, "gw")
