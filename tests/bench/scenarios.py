@@ -474,6 +474,10 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
             "server_us_per_delivery": round(us, 3) if us else None,
             "x_floor": x,
             "floor_us": s.floor_us,
+            "gateway_ms_per_say": round(m["gateways_cpu_s"] / sent * 1e3, 3) if sent else None,
+            "client_us_per_delivery": round(m["client_cpu_s"] / delivered * 1e6, 3)
+            if delivered
+            else None,
             "cpu": m,
             **rss,
             **check,
@@ -555,6 +559,10 @@ def room_max(s: Settings) -> dict[str, Any]:
             "x_floor": x,
             "floor_us": s.floor_us,
             "x_gatewayworker": round(rate / GATEWAYWORKER_FLOOD, 3),
+            "gateway_ms_per_say": round(m["gateways_cpu_s"] / sent * 1e3, 3) if sent else None,
+            "client_us_per_delivery": round(m["client_cpu_s"] / delivered * 1e6, 3)
+            if delivered
+            else None,
             "cpu": m,
             **rss,
             **check,
