@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,10 @@ class Supervised:
             self.proc.wait(timeout)
         self.proc = None
         return self.supervisord_log()
+
+    def cleanup(self) -> None:
+        """Remove settings, sockets and logs (after a passing test; a failure keeps them)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     # Logs
 

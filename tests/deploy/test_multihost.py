@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,7 @@ def hosts() -> Iterator[Hosts]:
         net.down()
     for sup, log in logs:
         sup.assert_stopped_cleanly(log)
+    shutil.rmtree(base, ignore_errors=True)  # kept when something failed
 
 
 @pytest.fixture

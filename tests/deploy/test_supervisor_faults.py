@@ -104,6 +104,7 @@ async def one_machine(
     finally:
         log = await asyncio.to_thread(sup.stop)
     sup.assert_stopped_cleanly(log, killed=machine.killed)
+    sup.cleanup()
 
 
 def assert_open(clients: list[ChatClient]) -> None:
@@ -251,8 +252,11 @@ async def test_register_down_10s_chat_goes_on_and_newcomers_join_when_it_is_back
             await asyncio.to_thread(m.sup.rpc.startProcessGroup, "worker", True)
         finally:
             logs = await asyncio.gather(*(asyncio.to_thread(sup.stop) for sup in newcomers))
+            failed = sys.exc_info()[0] is not None
             for sup, log in zip(newcomers, logs, strict=True):
                 sup.assert_stopped_cleanly(log)
+                if not failed:
+                    sup.cleanup()
 
 
 async def test_reload_workers_with_200_clients_closes_nothing_and_loses_nothing() -> None:
