@@ -117,6 +117,8 @@ class GatewayLink:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._bye_ok is not None and not self._bye_ok.done():
+            self._bye_ok.set_result(None)  # the gateway is gone: nothing more will come
         for future in self._replies.values():
             if not future.done():
                 future.set_exception(ConnectionError(f"link to gateway {self.gateway_id} closed"))

@@ -132,7 +132,9 @@ class Gateway:
             self.config.keys.server(asock)
         monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
         asock.bind(self.config.internal)
-        self.address = self.config.advertise or asock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.address = _advertised(
+            asock.getsockopt_string(zmq.LAST_ENDPOINT), self.config.advertise
+        )
         reader = BatchReader(asock, self._drain_workers)
         sock = self._sock = reader.sock
         self.pool = WorkerPool(
@@ -245,7 +247,7 @@ class Gateway:
         for conn in list(self.clients):
             conn.abort()
         await asyncio.sleep(0)  # let connection_lost run for the aborted ones
-        while self.pool.busy and time.monotonic() < deadline + 2:
+        while self.pool.busy and self.pool.live and time.monotonic() < deadline + 2:
             await asyncio.sleep(tick)
         log.info("drained in %.2f s, unanswered=%d", time.monotonic() - start, len(self.clients))
 
@@ -307,3 +309,21 @@ class Gateway:
                 self.ids.retired.remove(prefix)
                 log.error("lost an id prefix still in use prefix=%d", prefix)
             self.register.beat_now()
+
+
+def _advertised(bound: str, advertise: str | None) -> str:
+    """The address workers should dial: --advertise, with ``*`` or 0 as port meaning ours.
+
+    A wildcard bind (0.0.0.0, ::) is no address to dial, so it needs --advertise.
+    """
+    port = bound.rsplit(":", 1)[1]
+    if advertise is None:
+        host = urlsplit(bound).hostname or ""
+        if host in ("0.0.0.0", "::", "*"):
+            raise SystemExit(
+                f"the internal address {bound} binds every interface: say with --advertise "
+                f"which address workers should dial (e.g. --advertise tcp://10.0.0.2:{port})"
+            )
+        return bound
+    head, _, tail = advertise.rpartition(":")
+    return f"{head}:{port}" if tail in ("*", "0") else advertise

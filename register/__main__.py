@@ -85,4 +85,8 @@ async def _status(address: str, as_json: bool, keys: curve.Keys | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `python -m register status | head`
+        sys.stderr.close()
+        sys.exit(0)
