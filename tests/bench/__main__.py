@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -108,6 +109,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="extra argument for every gateway we start (repeatable, e.g. "
         "--gateway-arg=--max-send-buffer=262144)",
+    )
+    p.add_argument(
+        "--scenario-timeout",
+        type=float,
+        help="hard limit per scenario in seconds (default 300, --quick 90)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the gateway during room_max")
     p.add_argument(
@@ -245,6 +251,28 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class ScenarioTimeout(Exception):
+    pass
+
+
+def _timed_out(signum: int, frame: Any) -> None:
+    raise ScenarioTimeout("scenario over its hard time limit (--scenario-timeout)")
+
+
+def loopback_only(url: str | None) -> None:
+    """Refuse any target outside 127.0.0.0/8: this benchmark sends load only to loopback."""
+    if not url:
+        return
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    for info in socket.getaddrinfo(host, None, socket.AF_INET):
+        if not ipaddress.ip_address(info[4][0]).is_loopback:
+            raise SystemExit(f"--url {url}: {info[4][0]} is not a loopback address; refusing")
+
+
 def source_version() -> str:
     """The commit under test, with "+dirty" when the work tree has changes."""
     import subprocess
@@ -273,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown scenario(s): {unknown}; known: {list(SCENARIOS)}", file=sys.stderr)
         return 2
     s = settings_from(args)
+    loopback_only(s.url)
+    if s.register:
+        loopback_only("tcp://" + s.register.split("://")[-1])
+    if args.scenario_timeout is None:
+        args.scenario_timeout = 90 if args.quick else 300
     raise_nofile()
     if s.server_cpus:
         log(f"pinning: servers on CPU {s.server_cpus}, load processes on CPU {s.load_cpus}")
@@ -287,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         log(f"{name}: starting")
         t0 = time.monotonic()
+        signal.signal(signal.SIGALRM, _timed_out)
+        signal.alarm(int(args.scenario_timeout))
         try:
             r = SCENARIOS[name](s)
         except Exception as exc:
             r = {"ok": False, "error": f"{exc!r}\n{traceback.format_exc()}"}
+        finally:
+            signal.alarm(0)
         r = {
             "scenario": name,
             **r,

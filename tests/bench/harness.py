@@ -108,6 +108,9 @@ class CpuMeter:
         out["others_cpu_s"] = round(others, 3)
         out["others_cpu_pct"] = round(100 * others / wall, 1) if wall else 0.0
         out["core_busy"] = busy_fraction(self.s0, cpu_times())
+        # One core each when pinned: whichever side is near 100 % of its core bounds the run.
+        sides = [k for k in ("server", "client") if out.get(f"{k}_cpu_pct", 0) >= 90]
+        out["saturated"] = sides or None
         return out
 
 

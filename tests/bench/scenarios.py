@@ -556,6 +556,7 @@ def room_max(s: Settings) -> dict[str, Any]:
             "deliveries_per_s": round(rate, 1),
             "says_per_s": round(sent / m["wall_s"], 1),
             "server_us_per_delivery": round(us, 3) if us else None,
+            "server_capacity_per_s": round(1e6 / us) if us else None,
             "x_floor": x,
             "floor_us": s.floor_us,
             "x_gatewayworker": round(rate / GATEWAYWORKER_FLOOD, 3),
