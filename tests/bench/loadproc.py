@@ -387,6 +387,8 @@ class LoadProcess:
         senders: list[int] | None,
         to: Any,
     ) -> dict[str, Any]:
+        if senders is not None and not senders:
+            return {"sent": 0, "mid_lo": mid_lo, "mid_end": mid_lo, "seconds": 0.0}
         rng = random.Random(self.index)
         conns = self.conns
         self.stop_send = False

@@ -160,11 +160,18 @@ class Run:
             }
         )
 
-    def connect(self, total: int, *, rcvbuf: dict[int, dict[int, int]] | None = None) -> dict:
+    def connect(
+        self,
+        total: int,
+        *,
+        rcvbuf: dict[int, dict[int, int]] | None = None,
+        split: list[int] | None = None,
+    ) -> dict:
         """Open ``total`` connections split over the load processes and the gateways."""
         urls = self.servers.urls
         n = len(self.pool)
-        split = [total // n + (1 if i < total % n else 0) for i in range(n)]
+        if split is None:
+            split = [total // n + (1 if i < total % n else 0) for i in range(n)]
         srcs = sources(max(4, math.ceil(total / 5000)))
         kwargs = []
         for i in range(n):
@@ -385,8 +392,8 @@ def idle(s: Settings) -> dict[str, Any]:
         }
 
 
-def _room_setup(run: Run, room: str, size: int, rcvbuf=None) -> dict[str, Any]:
-    c = run.connect(size, rcvbuf=rcvbuf)
+def _room_setup(run: Run, room: str, size: int, rcvbuf=None, split=None) -> dict[str, Any]:
+    c = run.connect(size, rcvbuf=rcvbuf, split=split)
     t0 = time.monotonic()
     run.login_room(room)
     return {"connect_s": c["seconds"], "login_s": round(time.monotonic() - t0, 3)}
@@ -813,20 +820,24 @@ def handshakes(s: Settings) -> dict[str, Any]:
 
 def slow_consumer(s: Settings) -> dict[str, Any]:
     size = s.room_size
-    procs = min(s.load_procs, size)
+    readers = min(s.load_procs, size - 1)
+    # The slow connection gets a load process of its own (the last one), so that
+    # reading its backlog when it is cut off cannot delay anybody else's deliveries.
+    procs = readers + 1
+    slow_proc = procs - 1
     gateways = s.gateways or 1
     room = f"slow-{os.urandom(3).hex()}"
-    slow_idx = 0  # connection 0 of process 0
+    slow_idx = 0  # the only connection of the last process
     phase = s.duration
     slow_phase_max = max(phase, s.slow_phase_max)
+    split = [(size - 1) // readers + (1 if i < (size - 1) % readers else 0) for i in range(readers)]
+    split.append(1)
     with Run(s, gateways=gateways, procs=procs) as run:
-        setup = _room_setup(run, room, size, rcvbuf={0: {slow_idx: 4096}})
-        per_rate = s.slow_rate / procs
+        setup = _room_setup(run, room, size, rcvbuf={slow_proc: {slow_idx: 4096}}, split=split)
+        per_rate = s.slow_rate / readers
         cap = math.ceil(per_rate * (phase + slow_phase_max) * 1.2) + 10
         slots, ranges = per_proc_ids(cap * procs, procs)
-        senders = [
-            list(range(1 if i == 0 else 0, len(range(i, size, procs)))) for i in range(procs)
-        ]
+        senders = [list(range(split[i])) for i in range(readers)] + [[]]
 
         def send(lo: list[int], duration: float) -> int:
             return run.pool.start(
@@ -859,7 +870,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
 
         # Phase B: connection 0 stops reading; the same traffic goes on until it is cut
         # off (and at least ``phase`` seconds), at most ``slow_phase_max`` seconds.
-        slow_uid = run.pool.call_one(0, "slow", {"idx": slow_idx}, timeout=10)
+        slow_uid = run.pool.call_one(slow_proc, "slow", {"idx": slow_idx}, timeout=10)
         base_delivered = sum(r["delivered"] for r in run.pool.call("progress", timeout=10))
         known = {e["client"] for e in run.servers.slow_closed()}
         t_slow_wall = time.time()
@@ -877,7 +888,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                 hit = next((e for e in hits if e["client"] == slow_uid), None)
                 state = None
                 if hit is None and not run.servers.log_dir:
-                    state = run.pool.call_one(0, "tcp_state", {"idx": slow_idx}, timeout=10)
+                    state = run.pool.call_one(slow_proc, "tcp_state", {"idx": slow_idx}, timeout=10)
                 if hit is not None or (state is not None and state != 1):
                     t_cut = now
                     cut = {
@@ -889,14 +900,14 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                         cut["after_s"] = round(hit["time"] - t_slow_wall, 3)
                         cut["buffered_bytes"] = hit["buffered"]
                         cut["other_slow_closed"] = [e["client"] for e in hits if e is not hit]
-                    resume = run.pool.call_one(0, "resume", {"idx": slow_idx}, timeout=15)
+                    resume = run.pool.call_one(slow_proc, "resume", {"idx": slow_idx}, timeout=15)
             elif now - t_slow >= phase and now - t_cut >= 2.0:
                 break
             time.sleep(0.05)
         run.pool.call("stop_send", timeout=10)
         res_b = run.pool.wait(req, timeout=slow_phase_max + 30)
         if resume is None:
-            resume = run.pool.call_one(0, "resume", {"idx": slow_idx}, timeout=15)
+            resume = run.pool.call_one(slow_proc, "resume", {"idx": slow_idx}, timeout=15)
         sent_b = sum(r["sent"] for r in res_b)
         members = size - 1
         delivered_b = run.drain(base_delivered + sent_b * members, timeout=20) - base_delivered
@@ -905,7 +916,7 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
         worst_b = run.timeline(t_slow_ns)
         spread_b = run.spread([(r["mid_lo"], r["mid_end"]) for r in res_b])
         check_b = _verify_room(
-            run, [(r["mid_lo"], r["mid_end"]) for r in res_b], skip={0: [slow_idx]}
+            run, [(r["mid_lo"], r["mid_end"]) for r in res_b], skip={slow_proc: [slow_idx]}
         )
         slow_lines = run.servers.slow_closed()
         rss = run.servers.rss()
