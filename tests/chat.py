@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -21,6 +22,8 @@ class ChatClient:
         self.received: list[dict[str, Any]] = []
         self.frames: list[str] = []
         """every text frame received, exactly as it came over the wire"""
+        self._later: deque[dict[str, Any]] = deque()
+        """frames read ahead by ``login`` and not yet handed out"""
 
     @classmethod
     async def open(cls, url: str) -> ChatClient:
@@ -33,6 +36,8 @@ class ChatClient:
         await self.ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
 
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        if self._later:
+            return self._later.popleft()
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
         self.frames.append(raw)
         message = json.loads(raw)
@@ -45,15 +50,26 @@ class ChatClient:
         return message
 
     async def login(self, name: str, room: str | None = None) -> list[dict[str, Any]]:
-        """Log in; return the user_list. The next frame must be our own login."""
+        """Log in; return the user_list once our own login was announced.
+
+        Room traffic that was held back during the login (others' logins and
+        says) comes right after the user_list, possibly before our own login;
+        those frames are kept for later ``recv`` calls, in order.
+        """
         request: dict[str, Any] = {"type": "login", "name": name}
         if room is not None:
             request["room"] = room
         await self.send(request)
         users = (await self.expect("user_list"))["user_list"]
-        own = await self.expect("login")
-        assert own["name"] == name
-        self.uid = own["uid"]
+        mine = {u["uid"] for u in users if u["name"] == name}
+        ahead: list[dict[str, Any]] = []
+        while True:
+            message = await self.recv()
+            if message["type"] == "login" and message["name"] == name and message["uid"] in mine:
+                break
+            ahead.append(message)
+        self._later.extend(ahead)
+        self.uid = message["uid"]
         return users
 
     async def say(self, content: str, to: int | str = "all") -> None:

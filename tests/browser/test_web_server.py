@@ -167,7 +167,7 @@ def test_logs_quietly_at_info(server: WebServer) -> None:
     request(server, "/")
     request(server, "/nope")
     log = server.log()
-    assert "INFO web: serving" in log
+    assert "level=INFO logger=web serving" in log
     assert "GET" not in log and "Traceback" not in log
 
 
