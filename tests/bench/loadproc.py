@@ -354,9 +354,13 @@ class LoadProcess:
         duration: float,
         content_size: int,
         senders: list[int],
+        start_at: float | None = None,
+        phase: float = 0.0,
     ) -> dict[str, Any]:
         """Say to the room at ``rate`` per second from ``senders`` (indexes), until duration."""
-        return await self._paced(mid_lo, mid_hi, rate, duration, content_size, senders, "all")
+        return await self._paced(
+            mid_lo, mid_hi, rate, duration, content_size, senders, "all", start_at, phase
+        )
 
     async def cmd_private_send(
         self,
@@ -367,6 +371,8 @@ class LoadProcess:
         content_size: int,
         peers: list[list[int]],
         slots: int,
+        start_at: float | None = None,
+        phase: float = 0.0,
     ) -> dict[str, Any]:
         """Each send: a random connection says privately to a random other of its room."""
         self.reset_stats()
@@ -375,7 +381,9 @@ class LoadProcess:
         self.to_sender = bytearray(slots)
         for c in self.conns:
             c.counts = None
-        return await self._paced(mid_lo, mid_hi, rate, duration, content_size, None, peers)
+        return await self._paced(
+            mid_lo, mid_hi, rate, duration, content_size, None, peers, start_at, phase
+        )
 
     async def _paced(
         self,
@@ -386,6 +394,8 @@ class LoadProcess:
         content_size: int,
         senders: list[int] | None,
         to: Any,
+        start_at: float | None = None,
+        phase: float = 0.0,
     ) -> dict[str, Any]:
         if senders is not None and not senders:
             return {"sent": 0, "mid_lo": mid_lo, "mid_end": mid_lo, "seconds": 0.0}
@@ -395,7 +405,12 @@ class LoadProcess:
         pick = itertools.cycle(senders if senders is not None else range(len(conns)))
         self.mid_lo, self.mid_hi = mid_lo, mid_hi
         mid = mid_lo
-        t0 = time.monotonic()
+        # Processes share a start time and each is offset by its phase, so that their
+        # sends interleave evenly instead of leaving in bursts of one per process.
+        t0 = (start_at + phase) if start_at is not None else time.monotonic()
+        delay = t0 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
         end = t0 + duration
         sent = 0
         while True:
@@ -413,7 +428,7 @@ class LoadProcess:
                     conns[i].send_text(say_payload(mid, content_size, target))
                 mid += 1
                 sent += 1
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(max(0.0005, t0 + sent / rate - time.monotonic()))
         return {"sent": sent, "mid_lo": mid_lo, "mid_end": mid, "seconds": time.monotonic() - t0}
 
     async def cmd_room_flood(

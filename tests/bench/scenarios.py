@@ -426,6 +426,7 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
         run.pool.call("prepare_room", {"members": True, "slots": slots}, timeout=30)
         senders_n = [len(range(i, size, procs)) for i in range(procs)]
         t0_ns = time.monotonic_ns()
+        start_at = time.monotonic() + 0.1
         meter = run.meter()
         res = run.pool.call(
             "room_send",
@@ -437,6 +438,8 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
                     "duration": s.duration,
                     "content_size": s.content_size,
                     "senders": list(range(senders_n[i])),
+                    "start_at": start_at,
+                    "phase": i / s.rate,
                 }
                 for i in range(procs)
             ],
@@ -611,6 +614,7 @@ def private(s: Settings) -> dict[str, Any]:
         cap = math.ceil(per_rate * s.duration * 1.2) + 10
         slots, ranges = per_proc_ids(cap * procs, procs)
         spy = Profiler(s, run.servers, s.duration, "private") if s.profile else None
+        start_at = time.monotonic() + 0.1
         meter = run.meter()
         res = run.pool.call(
             "private_send",
@@ -623,6 +627,8 @@ def private(s: Settings) -> dict[str, Any]:
                     "content_size": s.content_size,
                     "peers": peers[i],
                     "slots": slots,
+                    "start_at": start_at,
+                    "phase": i / s.private_rate,
                 }
                 for i in range(procs)
             ],
@@ -871,6 +877,8 @@ def slow_consumer(s: Settings) -> dict[str, Any]:
                         "duration": duration,
                         "content_size": s.slow_content_size,
                         "senders": senders[i],
+                        "start_at": time.monotonic() + 0.1,
+                        "phase": i / s.slow_rate,
                     }
                     for i in range(procs)
                 ],
