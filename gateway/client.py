@@ -99,6 +99,8 @@ class GatewayLink:
         self._asock.setsockopt(zmq.RCVHWM, 0)
         self._asock.setsockopt(zmq.RECONNECT_IVL, 100)
         self._asock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self._asock.setsockopt(zmq.HEARTBEAT_IVL, p.ZMTP_HEARTBEAT_MS)
+        self._asock.setsockopt(zmq.HEARTBEAT_TIMEOUT, p.ZMTP_TIMEOUT_MS)
         if keys is not None:
             keys.client(self._asock)
         self._asock.connect(address)

@@ -71,6 +71,7 @@ class Commands:
         }
 
     def handle(self, worker_id: bytes, frame: bytes) -> None:
+        self.pool.seen(worker_id)
         try:
             message = p.unpack(frame)
             handler = self._handlers[message[0]]

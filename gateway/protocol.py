@@ -104,8 +104,16 @@ QUERIES = frozenset(
 HEARTBEAT = 1.0
 """Seconds between two HELLOs of a worker on each of its links."""
 
-WORKER_EXPIRY = 3.5
-"""A worker silent for this long is dead to the gateway, even if ZeroMQ did not notice."""
+WORKER_EXPIRY = 30.0
+"""A worker that sent nothing for this long is taken for hung and its clients move on.
+
+Dead workers are found much sooner: ZeroMQ reports a dropped link at once, and
+its own heartbeats (below), answered by libzmq's I/O thread, find a vanished
+peer within ZMTP_TIMEOUT. Those never mistake a busy Python loop for death,
+which a short application-level timeout would (and then replay events twice)."""
+
+ZMTP_HEARTBEAT_MS = 1000
+ZMTP_TIMEOUT_MS = 3000
 
 EMPTY_SESSION = b"\x80"
 """msgpack of {}"""

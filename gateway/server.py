@@ -126,6 +126,8 @@ class Gateway:
         asock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         asock.setsockopt(zmq.SNDHWM, 0)
         asock.setsockopt(zmq.RCVHWM, 0)
+        asock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
+        asock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
         auth = None
         if self.config.keys is not None:
             auth = curve.authenticate(self.ctx, self.config.keys)
@@ -275,7 +277,8 @@ class Gateway:
     async def _expire_workers(self) -> None:
         while True:
             await asyncio.sleep(protocol.HEARTBEAT)
-            self.pool.expire(time.monotonic())
+            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # unread input: not silence
+                self.pool.expire(time.monotonic())
 
     # Register side
 

@@ -272,6 +272,12 @@ class WorkerPool:
                 self.lost(worker_id, "disconnected")
         self.on_sent()
 
+    def seen(self, worker_id: bytes) -> None:
+        """Any message from a worker shows it is alive."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+
     def expire(self, now: float) -> None:
         for worker_id, worker in list(self.workers.items()):
             if now - worker.last_seen > protocol.WORKER_EXPIRY:

@@ -74,6 +74,8 @@ class RegisterClient:
             sock.setsockopt(zmq.SNDHWM, 10)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
             if self.keys is not None:
                 self.keys.client(sock)
             sock.connect(address)

@@ -40,8 +40,20 @@ PONG = "pong"
 HEARTBEAT = 1.0
 """Seconds between two heartbeats of a gateway or worker."""
 
-EXPIRY = 3.5
-"""Seconds of silence after which the register drops a gateway or worker."""
+EXPIRY = 30.0
+"""Seconds of silence after which the register drops a gateway or worker: a backstop.
+
+A dead member is found sooner: its link drops (ZeroMQ reports it at once, and
+ZMTP heartbeats in libzmq's I/O thread catch a vanished host within
+ZMTP_TIMEOUT_MS), and unless it beats again within LINK_GRACE it is dropped.
+A member that is merely busy keeps its link and is never taken for dead: a
+gateway wrongly dropped would have every one of its clients logged out."""
+
+LINK_GRACE = 2.0
+"""Seconds a member whose link dropped has to come back before it is dropped."""
+
+ZMTP_HEARTBEAT_MS = 1000
+ZMTP_TIMEOUT_MS = 3000
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:1236"
 

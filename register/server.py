@@ -20,7 +20,7 @@ from register.table import Table
 
 log = logging.getLogger("register")
 
-SETTLE = protocol.EXPIRY
+SETTLE = 3 * protocol.HEARTBEAT
 """After this long up, every live gateway has beaten at least once."""
 
 
@@ -41,8 +41,9 @@ class Register:
         self.keys = keys
         self.id = uuid.uuid4().hex[:12]
         self.started = time.monotonic()
-        self.table = Table(expiry=protocol.EXPIRY)
+        self.table = Table(expiry=protocol.EXPIRY, grace=protocol.LINK_GRACE)
         self.worker_routes: dict[str, bytes] = {}
+        self.gateway_routes: dict[str, bytes] = {}
         self._pushed_version = -1
         self._was_settled = False
         self._stopping = asyncio.Event()
@@ -55,12 +56,14 @@ class Register:
     async def run(self) -> None:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
         auth = None
         if self.keys is not None:
             auth = curve.authenticate(self.ctx, self.keys)
             self.keys.server(sock)
-        monitor = sock.get_monitor_socket(curve.HANDSHAKE_FAILED)
+        monitor = sock.get_monitor_socket(curve.HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
         sock.bind(self.bind)
         self.sock = zmq.Socket.shadow(sock.underlying)
         log.info(
@@ -71,7 +74,7 @@ class Register:
             os.getpid(),
         )
         ticker = self._background(self._tick())
-        watcher = self._background(_watch_handshakes(monitor))
+        watcher = self._background(self._watch(monitor))
         try:
             while not self._stopping.is_set():
                 events = await sock.poll(500, zmq.POLLIN)
@@ -111,6 +114,8 @@ class Register:
             live = {m.entry["id"] for m in self.table.workers.values()}
             for wid in [w for w in self.worker_routes if w not in live]:
                 del self.worker_routes[wid]
+            for gid in [g for g in self.gateway_routes if g not in self.table.gateways]:
+                del self.gateway_routes[gid]
             if self.settled and not self._was_settled:
                 self._was_settled = True
                 self._pushed_version = -1  # tell workers the table is now authoritative
@@ -136,6 +141,7 @@ class Register:
         if kind == protocol.GATEWAY:
             entry = message[1]
             known = entry["id"] in self.table.gateways
+            self.gateway_routes[entry["id"]] = route
             refused = self.table.gateway_seen(entry, now)
             if not known:
                 log.info("gateway joined id=%s address=%s", entry["id"], entry["address"])
@@ -160,6 +166,7 @@ class Register:
                 log.info("worker left id=%s", member)
             self.table.forget(member)
             self.worker_routes.pop(member, None)
+            self.gateway_routes.pop(member, None)
         elif kind == protocol.STATUS:
             self._send(route, [protocol.STATUS, self.status()])
         else:
@@ -172,6 +179,25 @@ class Register:
             "gateways": self.table.gateway_entries(),
             "workers": self.table.worker_entries(),
         }
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Log refused peers; when a link drops, find whose it was."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if not curve.log_handshake_failures(event):
+                self._probe(time.monotonic())
+
+    def _probe(self, now: float) -> None:
+        """Sending to a dropped link fails at once (ROUTER_MANDATORY): mark its member."""
+        frame = protocol.pack([protocol.PONG, self.id])
+        for routes in (self.gateway_routes, self.worker_routes):
+            for member, route in list(routes.items()):
+                try:
+                    self.sock.send_multipart([route, frame], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    log.info("link lost member=%s", member)
+                    self.table.link_lost(member, now)
+                    del routes[member]
 
     def _gateways_message(self) -> list[Any]:
         return [protocol.GATEWAYS, self.id, self.settled, self.table.gateway_entries()]
@@ -195,9 +221,3 @@ class Register:
             self.sock.send_multipart([route, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("send failed route=%r error=%s", route, exc)
-
-
-async def _watch_handshakes(monitor: zmq.asyncio.Socket) -> None:
-    """Log peers refused because their CURVE key is not the cluster's."""
-    while True:
-        curve.log_handshake_failures(parse_monitor_message(await monitor.recv_multipart()))

@@ -21,11 +21,14 @@ from typing import Any
 class Member:
     entry: dict[str, Any]
     last_seen: float
+    link_lost: float | None = None
+    """when its link dropped (None: linked); cleared by its next beat"""
 
 
 @dataclass(slots=True)
 class Table:
     expiry: float
+    grace: float = 2.0
     gateways: dict[str, Member] = field(default_factory=dict)
     workers: dict[str, Member] = field(default_factory=dict)
     owners: dict[int, str] = field(default_factory=dict)
@@ -57,6 +60,12 @@ class Table:
         self.workers[entry["id"]] = Member(entry, now)
         return not known
 
+    def link_lost(self, member_id: str, now: float) -> None:
+        """Its link dropped: dropped itself unless it beats again within ``grace``."""
+        member = self.gateways.get(member_id) or self.workers.get(member_id)
+        if member is not None and member.link_lost is None:
+            member.link_lost = now
+
     def forget(self, member_id: str) -> None:
         """Drop a gateway or worker that said goodbye."""
         if member_id in self.gateways:
@@ -64,13 +73,19 @@ class Table:
         self.workers.pop(member_id, None)
 
     def expire(self, now: float) -> list[str]:
-        """Drop everything silent for longer than ``expiry``; return the gateway ids dropped."""
-        dead = [g for g, m in self.gateways.items() if now - m.last_seen > self.expiry]
+        """Drop the members gone (link lost, no beat since) or silent too long; gateway ids."""
+        dead = [g for g, m in self.gateways.items() if self._gone(m, now)]
         for gid in dead:
             self._drop_gateway(gid)
-        for wid in [w for w, m in self.workers.items() if now - m.last_seen > self.expiry]:
+        for wid in [w for w, m in self.workers.items() if self._gone(m, now)]:
             del self.workers[wid]
         return dead
+
+    def _gone(self, member: Member, now: float) -> bool:
+        if now - member.last_seen > self.expiry:
+            return True
+        lost = member.link_lost
+        return lost is not None and member.last_seen < lost and now - lost > self.grace
 
     def gateway_entries(self) -> list[dict[str, Any]]:
         return [m.entry for m in self.gateways.values()]

@@ -73,3 +73,24 @@ def test_a_restarted_register_learns_everything_from_beats() -> None:
     for beat in beats:
         assert table.gateway_seen(beat, now=0) == []
     assert {e["id"]: e["prefixes"] for e in table.gateway_entries()} == {"g1": [10, 12], "g2": [11]}
+
+
+def test_a_lost_link_drops_a_member_only_if_it_does_not_come_back() -> None:
+    table = Table(expiry=30, grace=2)
+    table.gateway_seen(gateway("g1", [10]), now=0)
+    table.gateway_seen(gateway("g2", [20]), now=0)
+    table.worker_seen({"id": "w1"}, now=0)
+    for member in ("g1", "g2", "w1"):
+        table.link_lost(member, now=1)
+    table.gateway_seen(gateway("g2", [20]), now=1.5)  # reconnected and beat again: stays
+    assert table.expire(now=2.9) == []  # within the grace
+    assert table.expire(now=3.1) == ["g1"]
+    assert [e["id"] for e in table.gateway_entries()] == ["g2"]
+    assert table.worker_entries() == []
+
+
+def test_a_busy_member_keeps_its_place_until_the_backstop() -> None:
+    table = Table(expiry=30, grace=2)
+    table.gateway_seen(gateway("g1", [10]), now=0)
+    assert table.expire(now=20) == []  # no beat for 20 s, but its link never dropped
+    assert table.expire(now=31) == ["g1"]
