@@ -88,6 +88,8 @@ class LoadProcess:
         self.errors = 0
         self.error_samples: list[str] = []
         self.misrouted = 0
+        self.self_missing = 0
+        self.extra_user_lists = 0
         self.to_target: bytearray | None = None
         self.to_sender: bytearray | None = None
 
@@ -130,6 +132,13 @@ class LoadProcess:
                 if self.on_own is not None:
                     self.on_own()
         elif p.startswith(LOGIN):
+            # a user_list that lacked us: learn our uid from our own login event
+            if (
+                not conn.uid
+                and conn.ctr
+                and p.find(b'"name":' + json.dumps(conn.name).encode() + b",") > 0
+            ):
+                conn.uid = int(p[22 : p.find(b",", 22)])
             roster = conn.roster
             if roster is not None:
                 roster.add(int(p[22 : p.find(b",", 22)]))
@@ -160,18 +169,25 @@ class LoadProcess:
 
     def _user_list(self, conn: WS, p: bytes) -> None:
         users = json.loads(p)["user_list"]
+        conn.ctr += 1  # user_lists received
+        if conn.ctr > 1:
+            self.extra_user_lists += 1
+            return
         for u in users:
             if u["name"] == conn.name:
                 conn.uid = u["uid"]
                 break
+        else:
+            self.self_missing += 1
+            if len(self.error_samples) < 5:
+                self.error_samples.append(f"user_list of {conn.name} lacks it: {len(users)} users")
         if conn.roster is not None:
             conn.roster.update(u["uid"] for u in users)
             if conn.uid and not conn.t_done and len(conn.roster) >= self.expected_roster:
                 self._roster_done(conn)
-        if conn.uid:
-            self.logged_in += 1
-            if self.logged_in >= self.login_target:
-                self.login_event.set()
+        self.logged_in += 1
+        if self.logged_in >= self.login_target:
+            self.login_event.set()
 
     def _roster_done(self, conn: WS) -> None:
         conn.t_done = monotonic_ns()
@@ -294,14 +310,34 @@ class LoadProcess:
                 await asyncio.sleep(0.005)
             c.send_text(json.dumps({"type": "login", "name": name, "room": room}).encode())
         if self.logged_in < len(conns):
-            await asyncio.wait_for(self.login_event.wait(), max(0.1, deadline - time.monotonic()))
+            try:
+                await asyncio.wait_for(
+                    self.login_event.wait(), max(0.1, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                raise TimeoutError(self._login_state()) from None
+        # a user_list that lacked us: our own login event (which follows) gives our uid
+        while any(not c.uid for c in conns) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if any(not c.uid for c in conns):
+            raise TimeoutError(self._login_state())
         return [c.uid for c in conns]
+
+    def _login_state(self) -> str:
+        conns = self.conns
+        return (
+            f"logins: {sum(1 for c in conns if c.ctr)} of {len(conns)} got a user_list, "
+            f"{sum(1 for c in conns if c.uid)} know their uid, {self.self_missing} user_lists "
+            f"lacked their own user, {self.extra_user_lists} extra user_lists, {self.errors} "
+            f"errors {self.error_samples[:2]}, {sum(1 for c in conns if c.lost)} connections lost"
+        )
 
     async def cmd_storm_prepare(self, names: list[str], expected: int) -> int:
         for c, name in zip(self.conns, names, strict=True):
             c.name = name
             c.roster = set()
             c.t_done = 0
+            c.ctr = 0
         self.expected_roster = expected
         self.storm_done = 0
         self.storm_target = len(self.conns)
@@ -331,6 +367,8 @@ class LoadProcess:
             "rosters": sorted(len(c.roster) for c in self.conns)[:3],
             "errors": self.errors,
             "error_samples": self.error_samples,
+            "self_missing": self.self_missing,
+            "extra_user_lists": self.extra_user_lists,
         }
 
     async def cmd_prepare_room(self, members: bool, slots: int, record_lat: bool = True) -> None:
