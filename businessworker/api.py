@@ -234,8 +234,7 @@ async def get_client_ids_by_uid(uid: str | int) -> list[int]:
 
 
 async def get_client_sessions_by_group(group: str | int) -> dict[int, dict[str, Any]]:
-    pairs = _concat(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))
-    return {cid: p.unpack_session(packed) for cid, packed in sorted(pairs)}
+    return dict(sorted(_concat(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))))
 
 
 async def get_client_ids_by_group(group: str | int) -> list[int]:
@@ -259,8 +258,7 @@ async def get_all_client_count() -> int:
 
 
 async def get_all_client_sessions() -> dict[int, dict[str, Any]]:
-    pairs = _concat(await _ask_all(p.Q_ALL_SESSIONS))
-    return {cid: p.unpack_session(packed) for cid, packed in sorted(pairs)}
+    return dict(sorted(_concat(await _ask_all(p.Q_ALL_SESSIONS))))
 
 
 async def _ask_client(client_id: int, kind: str, offline: Any) -> Any:

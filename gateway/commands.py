@@ -57,9 +57,6 @@ class Commands:
             p.Q_SESSION: self._q_session,
             p.Q_UID: lambda cid: getattr(self.clients.get(cid), "uid", None),
             p.Q_UID_CLIENTS: lambda uid: list(self.clients.of_uid(uid)),
-            p.Q_GROUP_SESSIONS: lambda g: [
-                [cid, c.session] for cid, c in self.clients.members(g).items()
-            ],
             p.Q_GROUP_CLIENTS: lambda g: list(self.clients.members(g)),
             p.Q_GROUP_UIDS: lambda g: list(
                 {c.uid for c in self.clients.members(g).values() if c.uid is not None}
@@ -67,7 +64,6 @@ class Commands:
             p.Q_GROUP_COUNT: lambda g: len(self.clients.members(g)),
             p.Q_GROUPS: lambda: list(self.clients.groups),
             p.Q_COUNT: lambda: len(self.clients),
-            p.Q_ALL_SESSIONS: lambda: [[c.client_id, c.session] for c in self.clients],
         }
 
     def handle(self, worker_id: bytes, frame: bytes) -> None:
@@ -202,6 +198,14 @@ class Commands:
 
     def _query(self, worker_id: bytes, m: list[Any]) -> None:
         req_id, kind, args = m[1], m[2], m[3]
+        if kind == p.Q_GROUP_SESSIONS or kind == p.Q_ALL_SESSIONS:
+            conns = self.clients.members(args[0]) if args else self.clients.clients
+            frame = p.pack_reply_of_sessions(req_id, [(c, v.session) for c, v in conns.items()])
+            try:
+                self.sock.send_multipart([worker_id, frame], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("reply lost worker=%r error=%s", worker_id, exc)
+            return
         try:
             result = self._queries[kind](*args)
         except Exception as exc:

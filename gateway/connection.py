@@ -35,9 +35,11 @@ BINARY = Opcode.BINARY
 CONT = Opcode.CONT
 CLOSE_TIMEOUT = 5.0
 """Seconds a client gets to answer our close frame before the TCP connection is cut."""
-HOLD_LIMIT = 1000
-"""Frames a held client may collect before they are let through anyway."""
-HOLD_TIMEOUT = 5.0
+HOLD_LIMIT = 50_000
+"""Frames a held client may collect before they are let through anyway. Large:
+letting them through before the snapshot breaks the snapshot's promise (in a
+login storm of 1,000 users a held client collects up to 1,000 logins)."""
+HOLD_TIMEOUT = 30.0
 """Seconds a hold lasts at most, should the worker that asked for it die."""
 
 

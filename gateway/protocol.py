@@ -78,13 +78,13 @@ Q_IS_ONLINE = "is_online"  # [client_id] -> bool
 Q_SESSION = "session"  # [client_id] -> packed session | None
 Q_UID = "uid"  # [client_id] -> uid | None
 Q_UID_CLIENTS = "uid_clients"  # [uid] -> [client_id, ...]
-Q_GROUP_SESSIONS = "group_sessions"  # [group] -> [[client_id, packed session], ...]
+Q_GROUP_SESSIONS = "group_sessions"  # [group] -> [[client_id, session dict], ...]
 Q_GROUP_CLIENTS = "group_clients"  # [group] -> [client_id, ...]
 Q_GROUP_UIDS = "group_uids"  # [group] -> [uid, ...]
 Q_GROUP_COUNT = "group_count"  # [group] -> int
 Q_GROUPS = "groups"  # [] -> [group, ...]
 Q_COUNT = "count"  # [] -> int
-Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, packed session], ...]
+Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, session dict], ...]
 QUERIES = frozenset(
     {
         Q_IS_ONLINE,
@@ -128,6 +128,28 @@ def unpack(frame: bytes) -> list[Any]:
     if not isinstance(message, list) or not message or not isinstance(message[0], int):
         raise ValueError("not a gateway protocol message")
     return message
+
+
+def pack_reply_of_sessions(req_id: int, pairs: list[tuple[int, bytes]]) -> bytes:
+    """[REPLY, req_id, [[client_id, session], ...]] with each stored session spliced in as is.
+
+    Sessions are kept packed, so the reply is built by concatenation and the
+    worker decodes a whole group's sessions in one call (a login storm asks for
+    1,000 sessions a thousand times).
+    """
+    parts = [b"\x93", msgpack.packb(REPLY), msgpack.packb(req_id), _array_header(len(pairs))]
+    packb = msgpack.packb
+    for client_id, session in pairs:
+        parts.append(b"\x92" + packb(client_id) + session)
+    return b"".join(parts)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def pack_session(session: dict[str, Any]) -> bytes:

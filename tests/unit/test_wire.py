@@ -79,3 +79,11 @@ def test_frames_are_plain_rfc6455() -> None:
     assert text_frame(b"\x00", binary=True) == b"\x82\x01\x00"
     big = text_frame("x" * 300)
     assert big[:4] == b"\x81\x7e\x01\x2c" and len(big) == 304
+
+
+def test_a_reply_of_sessions_splices_the_stored_sessions() -> None:
+    pairs = [(i, p.pack_session({"name": f"u{i}"})) for i in range(70_000)]
+    for n in (0, 3, 20, 70_000):
+        message = p.unpack(p.pack_reply_of_sessions(7, pairs[:n]))
+        assert message[:2] == [p.REPLY, 7]
+        assert message[2] == [[i, {"name": f"u{i}"}] for i in range(n)]
