@@ -37,5 +37,10 @@ format: $(STAMP)
 test: $(STAMP) browser-deps lint
 	$(PY) -m pytest
 
+# The benchmark: starts its own clusters on loopback, prints a table and JSON lines.
+# `make bench ARGS="--quick"` for a one-minute check; see tests/bench/README.md.
+bench: $(STAMP)
+	$(PY) -m tests.bench $(ARGS)
+
 clean:
 	rm -rf $(VENV) run .pytest_cache .ruff_cache tests/output
