@@ -316,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, "floor")
     results = []
     t_start = time.monotonic()
-    version = source_version()
     for name in names:
         log(f"{name}: starting")
         t0 = time.monotonic()
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             "scenario": name,
             **r,
             "seconds": round(time.monotonic() - t0, 1),
-            "source": version,
+            "source": source_version(),
             "pin": s.pin,
         }
         results.append(r)
