@@ -9,6 +9,7 @@ import signal
 import sys
 
 import uvloop
+import zmq.asyncio
 
 from businessworker.app import App
 from businessworker.worker import Worker
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     app = App.load(args.app)
     keys = curve.load(args.curve_key)
-    return uvloop.run(_run(app, register_addresses(args.register), keys))
+    code = uvloop.run(_run(app, register_addresses(args.register), keys))
+    # Without this, messages still queued in ZeroMQ (a stopping worker's last
+    # acknowledgements) can die with the process; destroy flushes them first.
+    zmq.asyncio.Context.instance().destroy(linger=2000)
+    return code
 
 
 async def _run(app: App, registers: list[str], keys: curve.Keys | None) -> int:

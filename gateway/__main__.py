@@ -10,6 +10,7 @@ import ssl
 import sys
 
 import uvloop
+import zmq.asyncio
 
 from gateway.server import Gateway, GatewayConfig
 from register import keys as curve
@@ -61,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         drain_batch=args.drain_batch,
         drain_time=args.drain_time,
     )
-    return uvloop.run(_run(config))
+    code = uvloop.run(_run(config))
+    # Flush what ZeroMQ still has queued (last replies, goodbyes) before exiting.
+    zmq.asyncio.Context.instance().destroy(linger=2000)
+    return code
 
 
 def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:

@@ -11,6 +11,7 @@ import sys
 import time
 
 import uvloop
+import zmq.asyncio
 
 from register import keys as curve
 from register import protocol
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         address = register_addresses(args.register)[0]
         return uvloop.run(_status(address, args.json, keys))
-    return uvloop.run(_run(args.bind, keys, args.insecure))
+    code = uvloop.run(_run(args.bind, keys, args.insecure))
+    # Flush what ZeroMQ still has queued (last replies, goodbyes) before exiting.
+    zmq.asyncio.Context.instance().destroy(linger=2000)
+    return code
 
 
 async def _run(bind: str, keys: curve.Keys | None, insecure: bool) -> int:
