@@ -315,13 +315,34 @@ class LoadProcess:
                     self.login_event.wait(), max(0.1, deadline - time.monotonic())
                 )
             except TimeoutError:
-                raise TimeoutError(self._login_state()) from None
+                raise TimeoutError(self._login_state() + await self._probe_stuck()) from None
         # a user_list that lacked us: our own login event (which follows) gives our uid
         while any(not c.uid for c in conns) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if any(not c.uid for c in conns):
             raise TimeoutError(self._login_state())
         return [c.uid for c in conns]
+
+    async def _probe_stuck(self) -> str:
+        """Clients whose login got no user_list: does a second message get an answer?
+
+        A second login must be refused (already_logged_in) once the first was handled;
+        no answer at all means the client's first event is still pending somewhere.
+        """
+        stuck = [c for c in self.conns if not c.ctr and not c.lost]
+        partial = [
+            (len(c.data), c.data[:12].hex()) for c in stuck if c.data
+        ]  # bytes of an incomplete frame kept by our parser
+        before = self.errors
+        for c in stuck:
+            c.send_text(b'{"type":"login","name":"' + c.name.encode() + b'"}')
+        await asyncio.sleep(3)
+        late = sum(1 for c in stuck if c.ctr)
+        return (
+            f"; probe: a second login from {len(stuck)} stuck clients got "
+            f"{self.errors - before} errors and {late} late user_lists in 3 s; "
+            f"{len(partial)} of them held a partial frame {partial[:3]}"
+        )
 
     def _login_state(self) -> str:
         conns = self.conns
