@@ -212,7 +212,7 @@ class Run:
                 k += 1
             # Few logins in flight: setting up a room is not what is measured, and a
             # deep queue of logins makes the gateway answer joins late (see README).
-            kwargs.append({"names": names, "rooms": rooms, "concurrency": 20})
+            kwargs.append({"names": names, "rooms": rooms, "concurrency": 10})
         return self.pool.call("login", kwargs, timeout=120)
 
     def drain(self, expected: int, timeout: float) -> int:
@@ -429,6 +429,7 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
         senders_n = [len(range(i, size, procs)) for i in range(procs)]
         t0_ns = time.monotonic_ns()
         start_at = time.monotonic() + 0.1
+        spy = Profiler(s, run.servers, s.duration, name) if s.profile else None
         meter = run.meter()
         res = run.pool.call(
             "room_send",
@@ -451,6 +452,7 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
         expected = sent * size
         delivered = run.drain(expected, timeout=15)
         m = meter.stop()
+        profile = spy.finish() if spy is not None else None
         sent_ranges = [(r["mid_lo"], r["mid_end"]) for r in res]
         check = _verify_room(run, sent_ranges)
         lat = percentiles(run.latencies())
@@ -499,6 +501,7 @@ def room_fixed(s: Settings, *, name: str = "room_fixed") -> dict[str, Any]:
             target("cpu_per_delivery_x_floor", x, 1.2, at_most=True),
             target("latency_p99_ms", lat["p99_ms"], 5.0, at_most=True, unit="ms"),
         ],
+        **({"profile": profile} if profile else {}),
         "summary": f"{size} in room, {s.rate:g} says/s: p50 {lat['p50_ms']} p99 {lat['p99_ms']} "
         f"max {lat['max_ms']} ms; {us and round(us, 2)} us/delivery ({x} x floor)",
     }
