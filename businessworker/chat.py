@@ -96,11 +96,18 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
     session["room"] = room
     session["since"] = time.time()
     group = room_group(room)
-    # Join first, holding the room's traffic back until the user_list below is
-    # written: whoever logs in concurrently is then either in our list or
-    # announced to us after it, whichever worker handles them.
-    await api.join_group(client_id, group, hold=True)
-    members = await api.get_client_sessions_by_group(group)
+    try:
+        # Join first, holding the room's traffic back until the user_list below
+        # is written: whoever logs in concurrently is then either in our list or
+        # announced to us after it, whichever worker handles them.
+        await api.join_group(client_id, group, hold=True)
+        members = await api.get_client_sessions_by_group(group)
+    except (TimeoutError, ConnectionError):
+        # Not half logged in: undo, and let the client try again.
+        for key in ("name", "room", "since"):
+            session.pop(key, None)
+        api.leave_group(client_id, group)
+        raise ChatError("busy", "the server is busy, log in again") from None
     # Oldest login first, as in the capture (uids of different gateways do not
     # sort by age).
     logged_in = sorted(

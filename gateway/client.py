@@ -23,7 +23,8 @@ from register.keys import Keys
 log = logging.getLogger("gateway.client")
 
 BATCH = 2000
-QUERY_TIMEOUT = 3.0
+QUERY_TIMEOUT = 15.0
+"""A gateway busy with a storm of work may take seconds to answer; it is not gone."""
 
 Data = str | bytes
 

@@ -16,7 +16,10 @@ is enforced across fragments by the core's ``max_size``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING
 
 from websockets.frames import Frame, Opcode
@@ -35,6 +38,7 @@ BINARY = Opcode.BINARY
 CONT = Opcode.CONT
 CLOSE_TIMEOUT = 5.0
 """Seconds a client gets to answer our close frame before the TCP connection is cut."""
+LINGER_RESET = struct.pack("ii", 1, 0)
 HOLD_LIMIT = 50_000
 """Frames a held client may collect before they are let through anyway. Large:
 letting them through before the snapshot breaks the snapshot's promise (in a
@@ -140,8 +144,8 @@ class ClientConnection(asyncio.Protocol):
 
     def flush_out(self) -> None:
         out, self._out = self._out, None
-        if out and self.ws.state is OPEN:
-            transport = self.transport
+        transport = self.transport
+        if out and self.ws.state is OPEN and not transport.is_closing():
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             if transport.get_write_buffer_size() > self.gateway.max_send_buffer:
                 self._too_slow()
@@ -194,8 +198,20 @@ class ClientConnection(asyncio.Protocol):
     # Internals
 
     def abort(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+        """Reset the TCP connection now, even one already closing behind a full buffer.
+
+        A plain close leaves unsent data (up to megabytes for a client that stopped
+        reading) in the kernel, which keeps the connection until the client reads;
+        SO_LINGER 0 makes the kernel reset it and free the buffers at once.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        transport.abort()
 
     def _too_slow(self) -> None:
         log.warning(

@@ -116,7 +116,10 @@ class Gateway:
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, []
         for conn in outbox:
-            conn.flush_out()
+            try:
+                conn.flush_out()
+            except Exception:  # one broken socket must not cost the others their frames
+                log.exception("write failed client=%d", conn.client_id)
 
     # Lifecycle
 
