@@ -85,21 +85,6 @@ Q_GROUP_COUNT = "group_count"  # [group] -> int
 Q_GROUPS = "groups"  # [] -> [group, ...]
 Q_COUNT = "count"  # [] -> int
 Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, session dict], ...]
-QUERIES = frozenset(
-    {
-        Q_IS_ONLINE,
-        Q_SESSION,
-        Q_UID,
-        Q_UID_CLIENTS,
-        Q_GROUP_SESSIONS,
-        Q_GROUP_CLIENTS,
-        Q_GROUP_UIDS,
-        Q_GROUP_COUNT,
-        Q_GROUPS,
-        Q_COUNT,
-        Q_ALL_SESSIONS,
-    }
-)
 
 HEARTBEAT = 1.0
 """Seconds between two HELLOs of a worker on each of its links."""

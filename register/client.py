@@ -57,7 +57,6 @@ class RegisterClient:
         self.beat = beat
         self.on_message = on_message
         self.interval = interval
-        self.last_heard = [0.0] * len(self.addresses)
         self._socks: list[zmq.asyncio.Socket] = []
         self._sync: list[zmq.Socket] = []
         self._wake = asyncio.Event()
@@ -99,16 +98,12 @@ class RegisterClient:
                         frame = self._sync[i].recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.last_heard[i] = time.monotonic()
                     try:
                         message = protocol.unpack(frame)
                     except ValueError as exc:
                         log.warning("bad answer from register=%s error=%r", self.addresses[i], exc)
                         continue
                     self.on_message(i, message)
-
-    def reachable(self, i: int, within: float = 3 * protocol.HEARTBEAT) -> bool:
-        return time.monotonic() - self.last_heard[i] <= within
 
     def bye(self, member_id: str) -> None:
         """Tell every register we are leaving (best effort: a dead register needs no goodbye)."""
