@@ -140,7 +140,7 @@ class Gateway:
         self.address = _advertised(
             asock.getsockopt_string(zmq.LAST_ENDPOINT), self.config.advertise
         )
-        reader = BatchReader(asock, self._drain_workers)
+        reader = self._reader = BatchReader(asock, self._drain_workers)
         sock = self._sock = reader.sock
         self.pool = WorkerPool(
             sock,
@@ -280,7 +280,7 @@ class Gateway:
     async def _expire_workers(self) -> None:
         while True:
             await asyncio.sleep(protocol.HEARTBEAT)
-            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # unread input: not silence
+            if not self._reader.has_input():  # unread input: not silence
                 self.pool.expire(time.monotonic())
 
     # Register side

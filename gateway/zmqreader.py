@@ -45,6 +45,14 @@ class BatchReader:
             self._check_scheduled = True
             asyncio.get_running_loop().call_soon(self._check)
 
+    def has_input(self) -> bool:
+        """Whether input waits unread. Reading the socket's state takes the edge
+        with it, so when there is input a drain is scheduled here."""
+        if self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self.sent()
+            return True
+        return False
+
     def _check(self) -> None:
         self._check_scheduled = False
         if not self.sock.closed and self.sock.get(zmq.EVENTS) & zmq.POLLIN:
