@@ -108,7 +108,7 @@ class Worker:
                 "stopping with callbacks still running count=%d", len(self.dispatcher.tasks)
             )
         for link in self.links.all():
-            link.flush_acks()
+            link.flush()
 
     async def _heartbeat(self) -> None:
         while True:

@@ -2,7 +2,9 @@
 
 Commands are encoded by the module-level ``encode_*`` functions, so that a
 command meant for every gateway (a broadcast) is packed once and the same
-bytes are sent down every link.
+bytes are sent down every link. Everything sent in one loop turn leaves as the
+parts of one ZeroMQ message, acknowledgements last: one wake-up of libzmq's I/O
+thread per turn instead of one per command.
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ class GatewayLink:
         self._reader = BatchReader(self._asock, self._drain)
         self._sock = self._reader.sock
         self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._out: list[bytes] = []
         self._acks: list[int] = []
-        self._ack_scheduled = False
+        self._flush_scheduled = False
         self._bye_ok: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -118,6 +121,8 @@ class GatewayLink:
         self._task = asyncio.create_task(self._reader.run())
 
     def close(self) -> None:
+        self.flush()
+        self._reader.stop()
         if self._task is not None:
             self._task.cancel()
         if self._bye_ok is not None and not self._bye_ok.done():
@@ -131,21 +136,30 @@ class GatewayLink:
     # Out
 
     def send_frame(self, frame: bytes) -> None:
-        self._sock.send(frame, zmq.NOBLOCK)
-        self._reader.sent()
+        """Queue an encoded command; it leaves at the end of this loop turn."""
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def ack(self, seq: int) -> None:
-        """Acknowledge a handled event; acks leave in one message per loop turn."""
+        """Acknowledge a handled event, after the commands its handler queued."""
         self._acks.append(seq)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_acks)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    def flush_acks(self) -> None:
-        self._ack_scheduled = False
+    def flush(self) -> None:
+        """Send what this turn queued, as one message (an event's commands and
+        its acknowledgement arrive together or not at all)."""
+        self._flush_scheduled = False
+        out, self._out = self._out, []
         if self._acks:
-            acks, self._acks = self._acks, []
-            self.send_frame(p.pack([p.ACK, acks]))
+            out.append(p.pack([p.ACK, self._acks]))
+            self._acks = []
+        if out and not self._sock.closed:
+            self._sock.send_multipart(out, zmq.NOBLOCK)
+            self._reader.sent()
 
     def join(self, client_id: int, group: str, hold: bool) -> asyncio.Future[Any]:
         req_id = next(self._req_ids)
@@ -182,28 +196,32 @@ class GatewayLink:
     # In
 
     def _drain(self) -> bool:
-        sock, on_event = self._sock, self.on_event
+        sock = self._sock
         for _ in range(BATCH):
             try:
-                frame = sock.recv(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return False
-            try:
-                message = p.unpack(frame)
-            except ValueError as exc:
-                log.warning("bad message from gateway=%s error=%r", self.gateway_id, exc)
-                continue
-            op = message[0]
-            if op == p.REPLY:
-                future = self._replies.pop(message[1], None)
-                if future is not None and not future.done():
-                    future.set_result(message[2])
-            elif op == p.BYE_OK:
-                if self._bye_ok is not None and not self._bye_ok.done():
-                    self._bye_ok.set_result(None)
-            elif op != p.PING:
-                try:
-                    on_event(self, message)
-                except Exception:
-                    log.exception("event handling failed gateway=%s", self.gateway_id)
+            for frame in frames:
+                self._handle(frame)
         return True
+
+    def _handle(self, frame: bytes) -> None:
+        try:
+            message = p.unpack(frame)
+        except ValueError as exc:
+            log.warning("bad message from gateway=%s error=%r", self.gateway_id, exc)
+            return
+        op = message[0]
+        if op == p.REPLY:
+            future = self._replies.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_result(message[2])
+        elif op == p.BYE_OK:
+            if self._bye_ok is not None and not self._bye_ok.done():
+                self._bye_ok.set_result(None)
+        elif op != p.PING:
+            try:
+                self.on_event(self, message)
+            except Exception:
+                log.exception("event handling failed gateway=%s", self.gateway_id)

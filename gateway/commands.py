@@ -10,8 +10,6 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
 from gateway import protocol as p
 from gateway.connection import text_frame
 
@@ -30,10 +28,9 @@ def _frame(data: str | bytes) -> bytes:
 class Commands:
     """Executes worker messages against the client table."""
 
-    def __init__(self, clients: ClientTable, pool: WorkerPool, sock: zmq.Socket) -> None:
+    def __init__(self, clients: ClientTable, pool: WorkerPool) -> None:
         self.clients = clients
         self.pool = pool
-        self.sock = sock
         self._handlers: dict[int, Callable[[bytes, list[Any]], None]] = {
             p.HELLO: self._hello,
             p.BYE: self._bye,
@@ -66,20 +63,20 @@ class Commands:
             p.Q_COUNT: lambda: len(self.clients),
         }
 
-    def handle(self, worker_id: bytes, frame: bytes) -> None:
+    def handle(self, parts: list[bytes]) -> None:
+        """One ZeroMQ message: the worker's routing id, then one or more commands."""
+        worker_id = parts[0]
         self.pool.seen(worker_id)
-        try:
-            message = p.unpack(frame)
-            handler = self._handlers[message[0]]
-            handler(worker_id, message)
-        except Exception as exc:  # one bad command must not stop the gateway
-            log.warning("bad command from worker=%r error=%r", worker_id, exc)
+        handlers = self._handlers
+        for frame in parts[1:]:
+            try:
+                message = p.unpack(frame)
+                handlers[message[0]](worker_id, message)
+            except Exception as exc:  # one bad command must not stop the gateway
+                log.warning("bad command from worker=%r error=%r", worker_id, exc)
 
     def _reply(self, worker_id: bytes, req_id: int, result: Any) -> None:
-        try:
-            self.sock.send_multipart([worker_id, p.pack([p.REPLY, req_id, result])], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.debug("reply lost worker=%r error=%s", worker_id, exc)
+        self.pool.post(worker_id, p.pack([p.REPLY, req_id, result]))
 
     # Worker liveness
 
@@ -201,10 +198,7 @@ class Commands:
         if kind == p.Q_GROUP_SESSIONS or kind == p.Q_ALL_SESSIONS:
             conns = self.clients.members(args[0]) if args else self.clients.clients
             frame = p.pack_reply_of_sessions(req_id, [(c, v.session) for c, v in conns.items()])
-            try:
-                self.sock.send_multipart([worker_id, frame], zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.debug("reply lost worker=%r error=%s", worker_id, exc)
+            self.pool.post(worker_id, frame)
             return
         try:
             result = self._queries[kind](*args)

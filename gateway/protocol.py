@@ -1,9 +1,11 @@
 """The gateway's internal wire protocol, spoken with business workers.
 
 One ZeroMQ ROUTER socket per gateway; each worker links with one DEALER whose
-routing id is the worker id. Every message is one msgpack frame holding a list
-whose first item is an opcode. One link carries messages in order both ways,
-which is what gives per-worker command ordering.
+routing id is the worker id. Every frame is msgpack of a list whose first item
+is an opcode; one ZeroMQ message carries one or more frames as its parts (all
+that one side queued for the other in one loop turn), handled in order. One
+link carries frames in order both ways, which is what gives per-worker command
+ordering.
 
 Worker -> gateway
     [HELLO, worker_id, info]            first message and every heartbeat

@@ -149,7 +149,7 @@ class Gateway:
             flood_limit=self.config.flood_limit,
             on_sent=reader.sent,
         )
-        self.commands = Commands(self.clients, self.pool, sock)
+        self.commands = Commands(self.clients, self.pool)
         self.register = RegisterClient(
             self.config.registers,
             self._beat,
@@ -190,6 +190,7 @@ class Gateway:
                 task.cancel()
             self.register.bye(self.id)
             self.register.close()
+            reader.stop()
             asock.disable_monitor()
             monitor.close(linger=0)
             asock.close(linger=1000)
@@ -262,12 +263,10 @@ class Gateway:
         sock, handle = self._sock, self.commands.handle
         for _ in range(BATCH):
             try:
-                worker_id, frame = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return False
-            except ValueError:
-                continue
-            handle(worker_id, frame)
+            handle(parts)
         return True
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:

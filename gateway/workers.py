@@ -17,11 +17,15 @@ Rules, in the order they are applied to each client event:
 5. Every client has a live worker that knows it: when a worker dies, its idle
    clients are bound to others at once and announced to them (ADOPT), so that
    if this gateway dies too, some worker runs their on_close.
+
+Everything for one worker leaves in one ZeroMQ message per loop turn (see
+``post``): every message wakes libzmq's I/O thread on both ends, which measured
+here costs about 40 us of CPU per unbatched round trip against 9 us in tens.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import errno
 import logging
 import time
@@ -67,8 +71,12 @@ class WorkerPool:
         max_waiting: int,
         flood_limit: int,
         on_sent: Callable[[], None] = lambda: None,
+        call_soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.sock = sock
+        self._call_soon = call_soon or (lambda f: asyncio.get_running_loop().call_soon(f))
+        self._out: dict[bytes, list[bytes]] = {}
+        self._flush_scheduled = False
         self.clients = clients
         self.on_sent = on_sent
         self.max_waiting = max_waiting
@@ -128,19 +136,43 @@ class WorkerPool:
         message = [opcode, seq, conn.client_id, conn.session_version, conn.session]
         if opcode != protocol.EVENT_CLOSE:
             message.append(payload)
-        try:
-            self.sock.send_multipart([worker.id, protocol.pack(message)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                raise
-            self.lost(worker.id, "unreachable")
-            self._route(conn, item)
-            return
-        self.on_sent()
         worker.unacked[seq] = (conn, item)
         conn.pending += 1
         if conn.pending == self.flood_limit:
             conn.pause()
+        self.post(worker.id, protocol.pack(message))
+
+    # Out: one message per worker per loop turn
+
+    def post(self, worker_id: bytes, frame: bytes) -> None:
+        """Queue a frame for a worker; what is queued in one loop turn leaves together."""
+        frames = self._out.get(worker_id)
+        if frames is None:
+            self._out[worker_id] = [frame]
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._call_soon(self.flush)
+        else:
+            frames.append(frame)
+
+    def flush(self) -> None:
+        """Send each worker its queued frames as the parts of one message.
+
+        A worker found unreachable here is lost: its unacknowledged events,
+        those just queued included, go to the others (queued for the next turn).
+        """
+        self._flush_scheduled = False
+        out, self._out = self._out, {}
+        sock = self.sock
+        for worker_id, frames in out.items():
+            try:
+                sock.send_multipart([worker_id, *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                    raise
+                self.lost(worker_id, "unreachable")
+        if out:
+            self.on_sent()
 
     def _wait(self, conn: ClientConnection, item: Item) -> None:
         if len(self.waiting) >= self.max_waiting and item[1] != protocol.EVENT_CLOSE:
@@ -182,8 +214,7 @@ class WorkerPool:
         worker.draining = True
         self._ring.remove(worker_id)
         log.info("worker draining worker=%s unacked=%d", worker.info.get("id"), len(worker.unacked))
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.send_multipart([worker_id, protocol.pack([protocol.BYE_OK])], zmq.NOBLOCK)
+        self.post(worker_id, protocol.pack([protocol.BYE_OK]))
 
     def ack(self, worker_id: bytes, seqs: list[int]) -> None:
         worker = self.workers.get(worker_id)
@@ -215,6 +246,7 @@ class WorkerPool:
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
+        self._out.pop(worker_id, None)  # its events are replayed below, not sent to it
         if worker_id in self._ring:
             self._ring.remove(worker_id)
         replay = [entry for _, entry in sorted(worker.unacked.items())]
@@ -254,13 +286,7 @@ class WorkerPool:
         for worker_id, entries in adopted.items():
             for start in range(0, len(entries), 1000):
                 chunk = entries[start : start + 1000]
-                try:
-                    self.sock.send_multipart(
-                        [worker_id, protocol.pack([protocol.EVENT_ADOPT, chunk])], zmq.NOBLOCK
-                    )
-                except zmq.ZMQError:
-                    break  # that worker is gone too: its loss adopts them again
-            self.on_sent()
+                self.post(worker_id, protocol.pack([protocol.EVENT_ADOPT, chunk]))
 
     def probe(self) -> None:
         """Find links ZeroMQ has dropped: sending to them fails at once."""

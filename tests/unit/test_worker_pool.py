@@ -18,11 +18,11 @@ class FakeSocket:
         self.sent: list[tuple[bytes, list[Any]]] = []
         self.gone: set[bytes] = set()
 
-    def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
-        route, frame = frames
+    def send_multipart(self, parts: list[bytes], flags: int = 0) -> None:
+        route, *frames = parts
         if route in self.gone:
             raise zmq.ZMQError(errno.EHOSTUNREACH)
-        self.sent.append((route, p.unpack(frame)))
+        self.sent.extend((route, p.unpack(frame)) for frame in frames)
 
     def events(self, route: bytes | None = None) -> list[list[Any]]:
         return [
@@ -53,8 +53,11 @@ class FakeConn:
 def make_pool(**kwargs: Any) -> tuple[WorkerPool, FakeSocket]:
     sock = FakeSocket()
     pool = WorkerPool(
-        sock, max_waiting=kwargs.get("max_waiting", 100), flood_limit=kwargs.get("flood_limit", 4)
-    )  # type: ignore[arg-type]
+        sock,  # type: ignore[arg-type]
+        max_waiting=kwargs.get("max_waiting", 100),
+        flood_limit=kwargs.get("flood_limit", 4),
+        call_soon=lambda flush: flush(),  # no loop here: every frame leaves at once
+    )
     return pool, sock
 
 
