@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 _links: GatewayLinks | None = None
+_decode = p.SessionDecoder()
 _scope: ContextVar[Any] = ContextVar("businessworker_callback_scope", default=None)
 """The callback being run (set by the dispatcher); its session is written back
 before any query, so a callback that changed its session then asks the cluster
@@ -218,7 +219,7 @@ async def is_online(client_id: int) -> bool:
 
 async def get_session(client_id: int) -> dict[str, Any] | None:
     packed = await _ask_client(client_id, p.Q_SESSION, None)
-    return None if packed is None else p.unpack_session(packed)
+    return None if packed is None else _decode(packed)
 
 
 async def get_uid_by_client_id(client_id: int) -> str | None:
@@ -234,7 +235,7 @@ async def get_client_ids_by_uid(uid: str | int) -> list[int]:
 
 
 async def get_client_sessions_by_group(group: str | int) -> dict[int, dict[str, Any]]:
-    return dict(sorted(_concat(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))))
+    return _sessions(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))
 
 
 async def get_client_ids_by_group(group: str | int) -> list[int]:
@@ -258,7 +259,7 @@ async def get_all_client_count() -> int:
 
 
 async def get_all_client_sessions() -> dict[int, dict[str, Any]]:
-    return dict(sorted(_concat(await _ask_all(p.Q_ALL_SESSIONS))))
+    return _sessions(await _ask_all(p.Q_ALL_SESSIONS))
 
 
 async def _ask_client(client_id: int, kind: str, offline: Any) -> Any:
@@ -279,6 +280,12 @@ async def _ask_all(kind: str, *args: Any) -> list[Any]:
         *(link.query(kind, *args) for link in links), return_exceptions=True
     )
     return [None if isinstance(a, BaseException) else a for a in answers]
+
+
+def _sessions(answers: list[Any]) -> dict[int, dict[str, Any]]:
+    """{client id: session}, in client id order, from every gateway's [[id, packed], ...]."""
+    decode = _decode
+    return {cid: decode(packed) for cid, packed in sorted(_concat(answers))}
 
 
 def _concat(answers: list[Any]) -> list[Any]:

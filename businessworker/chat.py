@@ -16,6 +16,7 @@ Uses only the public API, like any application. Each room is the group
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -113,8 +114,8 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
     logged_in = sorted(
         (s.get("since", 0.0), uid, s["name"]) for uid, s in members.items() if "name" in s
     )
-    users = [{"uid": uid, "name": name} for _, uid, name in logged_in]
-    api.send_to_client(client_id, {"type": "user_list", "user_list": users})
+    users = ",".join([user_entry(uid, name) for _, uid, name in logged_in])
+    api.send_to_client(client_id, '{"type":"user_list","user_list":[' + users + "]}")
     api.send_to_group(group, {"type": "login", "uid": client_id, "name": name, "time": now()})
 
 
@@ -153,6 +154,12 @@ async def say(client_id: int, request: dict[str, Any], session: dict[str, Any]) 
         "time": now(),
     }
     api.send_to_clients([target] if target == client_id else [target, client_id], message)
+
+
+@functools.lru_cache(maxsize=100_000)
+def user_entry(uid: int, name: str) -> str:
+    """One user_list entry as JSON. Cached: a login storm lists each member once per login."""
+    return json.dumps({"uid": uid, "name": name}, separators=(",", ":"))
 
 
 def _uid(value: Any) -> int:

@@ -197,7 +197,10 @@ class Commands:
         req_id, kind, args = m[1], m[2], m[3]
         if kind == p.Q_GROUP_SESSIONS or kind == p.Q_ALL_SESSIONS:
             conns = self.clients.members(args[0]) if args else self.clients.clients
-            frame = p.pack_reply_of_sessions(req_id, [(c, v.session) for c, v in conns.items()])
+            entry = p.session_entry
+            frame = p.pack_reply_of_sessions(
+                req_id, [entry(cid, conn.session) for cid, conn in conns.items()]
+            )
             self.pool.post(worker_id, frame)
             return
         try:

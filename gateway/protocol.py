@@ -80,13 +80,13 @@ Q_IS_ONLINE = "is_online"  # [client_id] -> bool
 Q_SESSION = "session"  # [client_id] -> packed session | None
 Q_UID = "uid"  # [client_id] -> uid | None
 Q_UID_CLIENTS = "uid_clients"  # [uid] -> [client_id, ...]
-Q_GROUP_SESSIONS = "group_sessions"  # [group] -> [[client_id, session dict], ...]
+Q_GROUP_SESSIONS = "group_sessions"  # [group] -> [[client_id, packed session], ...]
 Q_GROUP_CLIENTS = "group_clients"  # [group] -> [client_id, ...]
 Q_GROUP_UIDS = "group_uids"  # [group] -> [uid, ...]
 Q_GROUP_COUNT = "group_count"  # [group] -> int
 Q_GROUPS = "groups"  # [] -> [group, ...]
 Q_COUNT = "count"  # [] -> int
-Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, session dict], ...]
+Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, packed session], ...]
 
 HEARTBEAT = 1.0
 """Seconds between two HELLOs of a worker on each of its links."""
@@ -117,18 +117,28 @@ def unpack(frame: bytes) -> list[Any]:
     return message
 
 
-def pack_reply_of_sessions(req_id: int, pairs: list[tuple[int, bytes]]) -> bytes:
-    """[REPLY, req_id, [[client_id, session], ...]] with each stored session spliced in as is.
+def session_entry(client_id: int, session: bytes) -> bytes:
+    """msgpack of [client_id, session] (the packed session as bin): one item of a
+    reply of sessions, worth keeping while the session does not change."""
+    return msgpack.packb([client_id, session], use_bin_type=True)
 
-    Sessions are kept packed, so the reply is built by concatenation and the
-    worker decodes a whole group's sessions in one call (a login storm asks for
-    1,000 sessions a thousand times).
+
+def pack_reply_of_sessions(req_id: int, entries: list[bytes]) -> bytes:
+    """[REPLY, req_id, [[client_id, packed session], ...]] from ready-made entries.
+
+    A login storm asks for a room's 1,000 sessions a thousand times: the reply
+    is a concatenation of stored bytes, and sessions stay packed so that the
+    worker decodes each distinct one once (see ``SessionDecoder``).
     """
-    parts = [b"\x93", msgpack.packb(REPLY), msgpack.packb(req_id), _array_header(len(pairs))]
-    packb = msgpack.packb
-    for client_id, session in pairs:
-        parts.append(b"\x92" + packb(client_id) + session)
-    return b"".join(parts)
+    return b"".join(
+        [
+            b"\x93",
+            msgpack.packb(REPLY),
+            msgpack.packb(req_id),
+            _array_header(len(entries)),
+            *entries,
+        ]
+    )
 
 
 def _array_header(n: int) -> bytes:
@@ -148,3 +158,24 @@ def unpack_session(packed: bytes) -> dict[str, Any]:
     if not isinstance(session, dict):
         raise ValueError("a session must be a dict")
     return session
+
+
+class SessionDecoder:
+    """Decodes packed sessions, each distinct one once.
+
+    Keyed by the packed bytes themselves, so nothing ever goes stale. Callers
+    get a fresh copy of the cached dict, which they may change freely.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._cache: dict[bytes, dict[str, Any]] = {}
+
+    def __call__(self, packed: bytes) -> dict[str, Any]:
+        session = self._cache.get(packed)
+        if session is None:
+            session = unpack_session(packed)
+            if len(self._cache) >= self.limit:
+                self._cache.clear()
+            self._cache[packed] = session
+        return session.copy()

@@ -81,9 +81,21 @@ def test_frames_are_plain_rfc6455() -> None:
     assert big[:4] == b"\x81\x7e\x01\x2c" and len(big) == 304
 
 
-def test_a_reply_of_sessions_splices_the_stored_sessions() -> None:
+def test_a_reply_of_sessions_is_a_concatenation_of_entries() -> None:
     pairs = [(i, p.pack_session({"name": f"u{i}"})) for i in range(70_000)]
     for n in (0, 3, 20, 70_000):
-        message = p.unpack(p.pack_reply_of_sessions(7, pairs[:n]))
+        entries = [p.session_entry(cid, packed) for cid, packed in pairs[:n]]
+        message = p.unpack(p.pack_reply_of_sessions(7, entries))
         assert message[:2] == [p.REPLY, 7]
-        assert message[2] == [[i, {"name": f"u{i}"}] for i in range(n)]
+        assert message[2] == [[cid, packed] for cid, packed in pairs[:n]]
+
+
+def test_each_distinct_session_is_decoded_once_and_handed_out_as_a_copy() -> None:
+    decode = p.SessionDecoder(limit=2)
+    packed = p.pack_session({"name": "猪猪"})
+    first = decode(packed)
+    first["name"] = "changed by the app"
+    assert decode(packed) == {"name": "猪猪"}  # the cache did not see the change
+    assert decode(p.pack_session({"a": 1})) == {"a": 1}
+    assert decode(p.pack_session({"b": 2})) == {"b": 2}  # over the limit: starts afresh
+    assert decode(p.EMPTY_SESSION) == {}
