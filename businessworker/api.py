@@ -284,8 +284,13 @@ async def _ask_all(kind: str, *args: Any) -> list[Any]:
 
 def _sessions(answers: list[Any]) -> dict[int, dict[str, Any]]:
     """{client id: session}, in client id order, from every gateway's [[id, packed], ...]."""
-    decode = _decode
-    return {cid: decode(packed) for cid, packed in sorted(_concat(answers))}
+    pairs = _concat(answers)
+    pairs.sort(key=_first)
+    return _decode.pairs(pairs)
+
+
+def _first(pair: list[Any]) -> Any:
+    return pair[0]
 
 
 def _concat(answers: list[Any]) -> list[Any]:

@@ -179,3 +179,12 @@ class SessionDecoder:
                 self._cache.clear()
             self._cache[packed] = session
         return session.copy()
+
+    def pairs(self, pairs: list[list[Any]]) -> dict[int, dict[str, Any]]:
+        """{client_id: session} from [[client_id, packed], ...] (a login storm's hot loop)."""
+        cache, decode = self._cache, self.__call__
+        result = {}
+        for client_id, packed in pairs:
+            session = cache.get(packed)
+            result[client_id] = decode(packed) if session is None else session.copy()
+        return result

@@ -99,3 +99,5 @@ def test_each_distinct_session_is_decoded_once_and_handed_out_as_a_copy() -> Non
     assert decode(p.pack_session({"a": 1})) == {"a": 1}
     assert decode(p.pack_session({"b": 2})) == {"b": 2}  # over the limit: starts afresh
     assert decode(p.EMPTY_SESSION) == {}
+    pairs = decode.pairs([[5, packed], [3, packed]])
+    assert pairs == {5: {"name": "猪猪"}, 3: {"name": "猪猪"}} and pairs[5] is not pairs[3]
