@@ -5,8 +5,9 @@ thousands of mostly idle connections and writes the same pre-built frame to
 many of them. The ``websockets`` protocol object parses the handshake and the
 frames, answers pings and runs the closing handshake (RFC 6455), while this
 module keeps per-connection state in slots, starts no task per connection and
-writes outgoing frames straight to the transport. Measured here: about 5 KiB
-per idle connection, against 14 KiB or more for the full libraries.
+writes outgoing frames straight to the socket (``ClientConnection.flush_all``).
+Measured here: about 5 KiB per idle connection, against 14 KiB or more for the
+full libraries.
 
 Two checks the sans-I/O core leaves to us: text messages must be UTF-8 (close
 1007), and fragmented messages are reassembled here (the size cap, close 1009,
@@ -18,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from websockets.frames import Frame, Opcode
@@ -39,6 +42,7 @@ CONT = Opcode.CONT
 CLOSE_TIMEOUT = 5.0
 """Seconds a client gets to answer our close frame before the TCP connection is cut."""
 LINGER_RESET = struct.pack("ii", 1, 0)
+_write = os.write
 HOLD_LIMIT = 50_000
 """Frames a held client may collect before they are let through anyway. Large:
 letting them through before the snapshot breaks the snapshot's promise (in a
@@ -57,8 +61,10 @@ class ClientConnection(asyncio.Protocol):
     """A client socket; reports opened / message / closed to its gateway."""
 
     __slots__ = (
+        "_fd",
         "_fragments",
         "_fragments_text",
+        "_open",
         "_out",
         "client_id",
         "gateway",
@@ -90,17 +96,26 @@ class ClientConnection(asyncio.Protocol):
         """frames held back until the next direct send (see ``hold_until_direct``)"""
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
-        self._out: list[bytes] | None = None
-        """frames queued in this loop turn; written together by ``flush_out``"""
+        self._out: bytes | list[bytes] | None = None
+        """what this loop turn queued: one frame, or a list of several (``flush_all``)"""
+        self._open = False
+        """``ws.state is OPEN``, kept in a slot: the property costs a call per delivery"""
+        self._fd = -1
+        """the socket's descriptor while queued frames may bypass the transport, else -1"""
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # pause_writing / resume_writing then say exactly when the transport holds
+        # unsent bytes, which ``flush_all`` must not overtake.
+        transport.set_write_buffer_limits(high=0, low=0)
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws
         ws.receive_data(data)
+        if self._open and ws.state is not OPEN:
+            self._closing()
         for event in ws.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
@@ -110,12 +125,23 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.ws.receive_eof()
+        self._closing()
         self._flush()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closing()
         if self.client_id:
             self.gateway.closed(self)
+
+    def pause_writing(self) -> None:
+        """The transport holds unsent bytes: queued frames go through it, behind them."""
+        self._fd = -1
+
+    def resume_writing(self) -> None:
+        """The transport has sent everything: frames may go straight to the socket again."""
+        if self._open:
+            self._fd = self._direct_fd()
 
     # Writing
 
@@ -128,27 +154,72 @@ class ClientConnection(asyncio.Protocol):
 
         Frames queued during one loop turn (one batch of worker commands) leave
         in a single write, each still its own WebSocket frame: one system call
-        per socket per batch instead of one per message.
+        per socket per batch instead of one per message. This runs once per
+        recipient of a broadcast, so it only reads slots and allocates nothing
+        for the first frame of a turn.
         """
-        if self.hold is not None:
+        if self.hold is None:
+            if self._open:
+                out = self._out
+                if out is None:
+                    self._out = frame
+                    self.gateway.flush_later(self)
+                elif out.__class__ is list:
+                    out.append(frame)
+                else:
+                    self._out = [out, frame]
+        else:
             self.hold.append(frame)
             if len(self.hold) > HOLD_LIMIT:
                 self._release_hold()
-        elif self.ws.state is OPEN:
-            out = self._out
-            if out is None:
-                self._out = [frame]
-                self.gateway.flush_later(self)
-            else:
-                out.append(frame)
 
     def flush_out(self) -> None:
-        out, self._out = self._out, None
-        transport = self.transport
-        if out and self.ws.state is OPEN and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
-            if transport.get_write_buffer_size() > self.gateway.max_send_buffer:
-                self._too_slow()
+        """Write what this loop turn queued now, ahead of the gateway's ``flush_all``."""
+        self.flush_all((self,), self.gateway.max_send_buffer)
+
+    @staticmethod
+    def flush_all(conns: Iterable[ClientConnection], max_send_buffer: int) -> None:
+        """Write each connection's queued frames in one write; cut off the too slow.
+
+        The fan-out's hot loop, once per recipient, so it is inlined here rather than
+        a method per connection. While the transport holds nothing unsent (``_fd``
+        set, see ``pause_writing``) the bytes go straight to the socket with
+        ``os.write``, bypassing uvloop: measured on this machine (uvloop 0.23,
+        163-byte frames to 1,000 loopback sockets) ``transport.write`` costs 0.4-0.6
+        us more user CPU per call than ``os.write`` on its descriptor (0.8-1.0
+        against 0.3-0.45 us), for a system call of 6-8 us; with the rest of the old
+        path (``write``, ``flush_out``) a delivery took 2.3 us of user CPU, now 0.65.
+        Whatever the kernel does not take goes to the transport, which sends it
+        later and keeps the order (from then on everything goes through it until it
+        is empty again); after an error the transport's own write fails the same way
+        and closes the connection as it always did.
+        """
+        for conn in conns:
+            out = conn._out
+            if out is None:
+                continue  # flushed already (``close``)
+            conn._out = None
+            try:
+                if out.__class__ is list:
+                    out = b"".join(out)
+                fd = conn._fd
+                if fd >= 0:
+                    try:
+                        sent = _write(fd, out)
+                    except OSError:  # EAGAIN; or EPIPE, ECONNRESET...: the transport's write
+                        sent = 0  # meets it again and closes the connection as usual
+                    if sent == len(out):
+                        continue
+                    if sent:
+                        out = out[sent:]
+                elif not conn._open or conn.transport.is_closing():
+                    continue
+                transport = conn.transport
+                transport.write(out)
+                if transport.get_write_buffer_size() > max_send_buffer:
+                    conn._too_slow()
+            except Exception:  # one broken socket must not cost the others their frames
+                log.exception("write failed client=%d", conn.client_id)
 
     def write_direct(self, frame: bytes) -> None:
         """Write a frame addressed to this client by id; releases held frames after it."""
@@ -181,6 +252,7 @@ class ClientConnection(asyncio.Protocol):
         if state is OPEN:
             self.flush_out()  # a last message goes before the close frame
             self.ws.send_close(code, reason)
+            self._closing()
             self._flush()
             asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
         elif state is State.CONNECTING and self.transport is not None:
@@ -207,6 +279,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        self._closing()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -221,6 +294,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self.gateway.stats_slow_closed += 1
         self.ws.fail(1008, "send buffer full")
+        self._closing()
         self._flush()
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 
@@ -232,11 +306,45 @@ class ClientConnection(asyncio.Protocol):
             else:  # end of stream: the protocol is done with this connection
                 transport.close()
 
+    def _now_open(self) -> None:
+        """Call once the opening handshake is done (``ws.state`` is OPEN)."""
+        self._open = self.ws.state is OPEN
+        if self._open:
+            self._fd = self._direct_fd()
+
+    def _closing(self) -> None:
+        """Stop queueing and direct writes: called wherever ``ws.state`` can leave OPEN.
+
+        Also the guarantee that ``_fd`` is never used once the loop has closed the
+        descriptor (it does so only after ``connection_lost``), when the number may
+        already belong to another connection.
+        """
+        self._open = False
+        self._fd = -1
+
+    def _direct_fd(self) -> int:
+        """The socket's descriptor if frames may be written to it directly, else -1.
+
+        Not under TLS (the bytes must go through the TLS layer), nor while the
+        transport is closing or holds unsent bytes.
+        """
+        transport = self.transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return -1
+        sock = transport.get_extra_info("socket")
+        return -1 if sock is None else sock.fileno()
+
     def _handshake(self, request: Request) -> None:
         ws = self.ws
         response = ws.accept(request)
         ws.send_response(response)
         if response.status_code == 101:
+            self._now_open()
             self.gateway.opened(self, request)
 
     def _frame(self, frame: Frame) -> None:
@@ -261,6 +369,7 @@ class ClientConnection(asyncio.Protocol):
             except UnicodeDecodeError as exc:
                 log.info("invalid UTF-8, closing client=%d", self.client_id)
                 self.ws.fail(1007, f"invalid UTF-8 at byte {exc.start}")
+                self._closing()
                 return
         else:
             message = bytes(data)

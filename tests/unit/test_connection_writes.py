@@ -1,0 +1,318 @@
+"""The fan-out path of ``ClientConnection`` over real loopback TCP, under uvloop and asyncio.
+
+Covers coalescing, holds, the direct ``os.write`` path and its hand-over to the
+transport when the kernel refuses bytes, the slow-consumer cut-off, writes after
+close, a peer reset, and TLS (never written directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+import gateway.connection as connection
+from gateway.connection import ClientConnection, text_frame
+from gateway.server import Gateway
+
+LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class FakeGateway:
+    """What a connection needs of its gateway; the outbox is the real Gateway's code."""
+
+    max_message_size = 1 << 20
+    flush_later = Gateway.flush_later
+    _flush_outbox = Gateway._flush_outbox
+
+    def __init__(self, max_send_buffer: int = 1 << 20) -> None:
+        self.max_send_buffer = max_send_buffer
+        self.stats_slow_closed = 0
+        self._outbox: list[ClientConnection] = []
+        self._flush_scheduled = False
+        self.closed_conns: list[ClientConnection] = []
+
+    def opened(self, conn: ClientConnection, request: Any) -> None:
+        conn.client_id = 1
+
+    def received(self, conn: ClientConnection, message: str | bytes) -> None:
+        pass
+
+    def closed(self, conn: ClientConnection) -> None:
+        self.closed_conns.append(conn)
+
+
+def run(loop: str, test: Callable[[], Awaitable[None]]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(asyncio.wait_for(test(), 20))
+
+
+async def turn(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def open_pair(
+    gw: FakeGateway, *, sndbuf: int | None = None, rcvbuf: int | None = None
+) -> tuple[ClientConnection, socket.socket]:
+    """A connection past its opening handshake, and the client's raw non-blocking socket."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        if rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+    if sndbuf:
+        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    client.setblocking(False)
+    conn = ClientConnection(gw)  # type: ignore[arg-type]
+    await loop.connect_accepted_socket(lambda: conn, accepted)
+    await loop.sock_sendall(client, UPGRADE)
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += await loop.sock_recv(client, 4096)
+    assert response.startswith(b"HTTP/1.1 101")
+    assert conn._open
+    return conn, client
+
+
+async def read_exactly(client: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(client, size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return data
+
+
+def counting_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every direct write."""
+    sizes: list[int] = []
+    real = connection._write
+
+    def write(fd: int, data: bytes) -> int:
+        sent = real(fd, data)
+        sizes.append(sent)
+        return sent
+
+    monkeypatch.setattr(connection, "_write", write)
+    return sizes
+
+
+def numbered(i: int) -> bytes:
+    return text_frame(f"{i:06d}" + "x" * 500)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_frames_of_one_turn_leave_in_one_write(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test() -> None:
+        gw = FakeGateway()
+        conn, client = await open_pair(gw)
+        assert conn._fd >= 0
+        writes = counting_writes(monkeypatch)
+        frames = [text_frame(f"m{i}") for i in range(3)]
+        conn.write(frames[0])
+        assert conn._out == frames[0]  # one frame is kept as is, not in a list
+        conn.write(frames[1])
+        conn.write(frames[2])
+        await turn()
+        assert writes == [sum(map(len, frames))]
+        assert await read_exactly(client, writes[0]) == b"".join(frames)
+        client.close()
+
+    run(loop, test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_held_frames_follow_the_direct_one(loop: str) -> None:
+    async def test() -> None:
+        gw = FakeGateway()
+        conn, client = await open_pair(gw)
+        conn.hold_until_direct()
+        group = [text_frame("g1"), text_frame("g2")]
+        for f in group:
+            conn.write(f)
+        await turn()
+        assert conn._out is None
+        snapshot = text_frame("snapshot")
+        conn.write_direct(snapshot)
+        await turn()
+        expected = snapshot + b"".join(group)
+        assert await read_exactly(client, len(expected)) == expected
+        client.close()
+
+    run(loop, test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
+    loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def test() -> None:
+        gw = FakeGateway(max_send_buffer=64 << 20)
+        conn, client = await open_pair(gw, sndbuf=4096, rcvbuf=4096)
+        writes = counting_writes(monkeypatch)
+        sent = 0
+        while conn._fd >= 0:  # until the kernel takes no more: the transport holds the rest
+            conn.write(numbered(sent))
+            sent += 1
+            await turn(1)
+            assert sent < 100_000
+        direct = len(writes)
+        for _ in range(20):  # these go through the transport, behind what it holds
+            conn.write(numbered(sent))
+            sent += 1
+            await turn(1)
+        assert len(writes) == direct
+        size = len(numbered(0))
+        data = await read_exactly(client, sent * size)
+        assert [data[i * size + 4 : i * size + 10] for i in range(sent)] == [
+            b"%06d" % i for i in range(sent)
+        ]
+        for _ in range(100):  # drained: resume_writing gives the descriptor back
+            if conn._fd >= 0:
+                break
+            await asyncio.sleep(0.01)
+        assert conn._fd >= 0
+        conn.write(numbered(sent))
+        await turn()
+        assert len(writes) == direct + 1
+        assert await read_exactly(client, size) == numbered(sent)
+        client.close()
+
+    run(loop, test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_slow_consumer_is_cut_off(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connection, "CLOSE_TIMEOUT", 0.2)
+
+    async def test() -> None:
+        gw = FakeGateway(max_send_buffer=64 << 10)
+        conn, client = await open_pair(gw, sndbuf=4096, rcvbuf=4096)
+        frame = text_frame("y" * 4000)
+        for _ in range(10_000):
+            conn.write(frame)
+            await turn(1)
+            if gw.stats_slow_closed:
+                break
+        assert gw.stats_slow_closed == 1
+        assert not conn._open and conn._fd == -1 and not conn.open
+        conn.write(frame)
+        assert conn._out is None  # nothing is queued once closing
+        for _ in range(100):  # the abort after CLOSE_TIMEOUT
+            if gw.closed_conns:
+                break
+            await asyncio.sleep(0.02)
+        assert gw.closed_conns == [conn]
+        with pytest.raises(ConnectionResetError):  # SO_LINGER 0: reset, not a FIN
+            while client.recv(1 << 20):
+                pass
+        client.close()
+
+    run(loop, test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_close_flushes_first_and_then_writes_nothing(loop: str) -> None:
+    async def test() -> None:
+        gw = FakeGateway()
+        conn, client = await open_pair(gw)
+        last = text_frame("last")
+        conn.write(last)
+        conn.close(1000, "bye")
+        conn.write(text_frame("too late"))
+        assert conn._out is None
+        await turn()
+        got = await read_exactly(client, len(last) + 2)
+        assert got[: len(last)] == last
+        assert got[len(last)] == 0x88  # the close frame comes right after
+        body = await read_exactly(client, got[-1])
+        assert struct.unpack("!H", body[:2]) == (1000,)
+        client.close()  # the client answers with EOF: the connection goes
+        for _ in range(100):
+            if gw.closed_conns:
+                break
+            await asyncio.sleep(0.01)
+        assert gw.closed_conns == [conn]
+        assert conn._fd == -1
+
+    run(loop, test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_peer_reset_closes_the_connection_quietly(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test() -> None:
+        gw = FakeGateway()
+        conn, client = await open_pair(gw)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        for i in range(50):
+            conn.write(numbered(i))
+            await asyncio.sleep(0.01)
+            if gw.closed_conns:
+                break
+        assert gw.closed_conns == [conn]
+        assert conn._fd == -1
+
+    run(loop, test)
+    assert "write failed" not in caplog.text
+
+
+class TlsTransport(asyncio.Transport):
+    """A transport that reports a TLS context, as asyncio's and uvloop's TLS ones do."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.written: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sslcontext": object(), "socket": self.sock}.get(name, default)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+
+def test_tls_frames_always_go_through_the_transport() -> None:
+    async def test() -> None:
+        gw = FakeGateway()
+        conn = ClientConnection(gw)  # type: ignore[arg-type]
+        with socket.socket() as sock:
+            transport = TlsTransport(sock)
+            conn.connection_made(transport)
+            conn.data_received(UPGRADE)
+            assert conn._open and conn._fd == -1
+            conn.write(text_frame("secret"))
+            await turn()
+            assert transport.written[-1] == text_frame("secret")
+            with contextlib.suppress(Exception):
+                conn.connection_lost(None)
+
+    run("uvloop", test)
