@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
-from websockets.http11 import Request
 from zmq.utils.monitor import parse_monitor_message
 
 from gateway import protocol
@@ -85,17 +84,12 @@ class Gateway:
 
     # Client side, called by ClientConnection
 
-    def opened(self, conn: ClientConnection, request: Request) -> None:
+    def opened(self, conn: ClientConnection, path: str, headers: list[tuple[str, str]]) -> None:
         conn.client_id = self.ids.next()
         self.clients.add(conn)
-        url = urlsplit(request.path)
+        url = urlsplit(path)
         peer = conn.transport.get_extra_info("peername")
-        info = [
-            url.path,
-            url.query,
-            [[k, v] for k, v in request.headers.raw_items()],
-            f"{peer[0]}:{peer[1]}" if peer else "",
-        ]
+        info = [url.path, url.query, headers, f"{peer[0]}:{peer[1]}" if peer else ""]
         self.pool.event(conn, protocol.EVENT_CONNECT, info)
 
     def received(self, conn: ClientConnection, message: str | bytes) -> None:
@@ -115,11 +109,7 @@ class Gateway:
     def _flush_outbox(self) -> None:
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, []
-        for conn in outbox:
-            try:
-                conn.flush_out()
-            except Exception:  # one broken socket must not cost the others their frames
-                log.exception("write failed client=%d", conn.client_id)
+        ClientConnection.flush_all(outbox, self.max_send_buffer)
 
     # Lifecycle
 

@@ -10,6 +10,7 @@ from string import Template
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
 
 from tests.chat import ChatClient
 from tests.cluster import Cluster
@@ -282,3 +283,40 @@ async def test_handshake_without_compression_and_plain_json_frames(chat_cluster:
         assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
         await ws.send(json.dumps({"type": "nope"}))
         assert json.loads(await ws.recv())["code"] == "unknown_type"
+
+
+async def test_a_bad_handshake_gets_an_http_error_and_is_closed(chat_cluster: Cluster) -> None:
+    old_version = (
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", chat_cluster.ws_ports[0])
+    writer.write(old_version)
+    response = await asyncio.wait_for(reader.read(), 10)  # read() returns at EOF: closed
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 426 ")
+    assert b"Sec-WebSocket-Version: 13\r\n" in response
+    reader, writer = await asyncio.open_connection("127.0.0.1", chat_cluster.ws_ports[0])
+    writer.write(b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"x" * 20_000 + b"\r\n\r\n")
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_a_frame_sent_with_the_handshake_is_not_lost(chat_cluster: Cluster) -> None:
+    """A client may send its first frame without waiting for the 101 response."""
+    request = (
+        b"GET /?x=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    frame = Frame(Opcode.TEXT, b'{"type":"nope"}').serialize(mask=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", chat_cluster.ws_ports[0])
+    writer.write(request + frame)  # one write: both usually arrive in one segment
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+    first = await asyncio.wait_for(reader.readexactly(2), 10)
+    assert first[0] == 0x81  # an unmasked text frame, short enough for a 1-byte length
+    payload = await asyncio.wait_for(reader.readexactly(first[1]), 10)
+    assert json.loads(payload)["code"] == "unknown_type"
+    writer.close()

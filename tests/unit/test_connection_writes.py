@@ -43,7 +43,7 @@ class FakeGateway:
         self._flush_scheduled = False
         self.closed_conns: list[ClientConnection] = []
 
-    def opened(self, conn: ClientConnection, request: Any) -> None:
+    def opened(self, conn: ClientConnection, path: str, headers: Any) -> None:
         conn.client_id = 1
 
     def received(self, conn: ClientConnection, message: str | bytes) -> None:
