@@ -180,16 +180,14 @@ class Commands:
         conn = self.clients.get(m[1])
         if conn is not None:
             p.unpack_session(m[2])  # refuse anything that is not a packed dict
-            conn.session = m[2]
-            conn.session_version += 1
+            conn.replace_session(m[2])
 
     def _update_session(self, worker_id: bytes, m: list[Any]) -> None:
         conn = self.clients.get(m[1])
         if conn is not None:
             session = p.unpack_session(conn.session)
             session.update(p.unpack_session(m[2]))
-            conn.session = p.pack_session(session)
-            conn.session_version += 1
+            conn.replace_session(p.pack_session(session))
 
     # Queries
 
@@ -197,10 +195,7 @@ class Commands:
         req_id, kind, args = m[1], m[2], m[3]
         if kind == p.Q_GROUP_SESSIONS or kind == p.Q_ALL_SESSIONS:
             conns = self.clients.members(args[0]) if args else self.clients.clients
-            entry = p.session_entry
-            frame = p.pack_reply_of_sessions(
-                req_id, [entry(cid, conn.session) for cid, conn in conns.items()]
-            )
+            frame = p.pack_reply_of_sessions(req_id, [conn.entry() for conn in conns.values()])
             self.pool.post(worker_id, frame)
             return
         try:

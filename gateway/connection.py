@@ -31,6 +31,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from gateway.handshake import HandshakeParser, Refused
+from gateway.protocol import session_entry
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -63,6 +64,7 @@ class ClientConnection(asyncio.Protocol):
     """A client socket; reports opened / message / closed to its gateway."""
 
     __slots__ = (
+        "_entry",
         "_fd",
         "_fragments",
         "_fragments_text",
@@ -91,6 +93,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_id = 0
         self.session = b"\x80"
         self.session_version = 0
+        self._entry: bytes | None = None
         self.worker: bytes | None = None
         """routing id of the worker this client's events go to"""
         self.pending = 0
@@ -149,6 +152,21 @@ class ClientConnection(asyncio.Protocol):
         """The transport has sent everything: frames may go straight to the socket again."""
         if self._open:
             self._fd = self._direct_fd()
+
+    # Session
+
+    def replace_session(self, packed: bytes) -> None:
+        """Store a new packed session (the gateway never looks inside)."""
+        self.session = packed
+        self.session_version += 1
+        self._entry = None
+
+    def entry(self) -> bytes:
+        """This client's item in a reply of sessions, packed once per session."""
+        entry = self._entry
+        if entry is None:
+            entry = self._entry = session_entry(self.client_id, self.session)
+        return entry
 
     # Writing
 
