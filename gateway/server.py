@@ -32,6 +32,8 @@ log = logging.getLogger("gateway")
 
 BATCH = 2000
 """Worker messages handled per wake-up before the loop gets a turn."""
+PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
+"""Seconds after a dropped link at which the workers are probed."""
 
 
 @dataclass
@@ -260,11 +262,18 @@ class Gateway:
         return True
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """A dropped TCP link means a worker may be gone: probe them all at once."""
+        """A dropped TCP link means a worker may be gone: probe them all, a few times.
+
+        The monitor can report the drop before the ROUTER socket has let go of
+        the peer, and until it has, a send to it still succeeds; so the probe
+        is repeated for a moment (PINGs to live workers are ignored).
+        """
+        loop = asyncio.get_running_loop()
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
             if not curve.log_handshake_failures(event):
-                self.pool.probe()
+                for delay in PROBE_DELAYS:
+                    loop.call_later(delay, self.pool.probe)
 
     async def _expire_workers(self) -> None:
         while True:

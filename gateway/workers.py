@@ -290,6 +290,7 @@ class WorkerPool:
 
     def probe(self) -> None:
         """Find links ZeroMQ has dropped: sending to them fails at once."""
+        self.sock.get(zmq.EVENTS)  # let the socket take in pending link changes first
         frame = protocol.pack([protocol.PING])
         for worker_id in list(self.workers):
             try:

@@ -21,6 +21,8 @@ from register.table import Table
 log = logging.getLogger("register")
 
 SETTLE = 3 * protocol.HEARTBEAT
+PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
+"""Seconds after a dropped link at which every member is probed."""
 """After this long up, every live gateway has beaten at least once."""
 
 
@@ -181,14 +183,23 @@ class Register:
         }
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """Log refused peers; when a link drops, find whose it was."""
+        """Log refused peers; when a link drops, find whose it was.
+
+        The monitor can report the drop before the ROUTER socket has let go of
+        the peer, and until it has, a send to it still succeeds: so the probe is
+        repeated for a moment.
+        """
+        loop = asyncio.get_running_loop()
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
             if not curve.log_handshake_failures(event):
-                self._probe(time.monotonic())
+                for delay in PROBE_DELAYS:
+                    loop.call_later(delay, self._probe)
 
-    def _probe(self, now: float) -> None:
+    def _probe(self) -> None:
         """Sending to a dropped link fails at once (ROUTER_MANDATORY): mark its member."""
+        now = time.monotonic()
+        self.sock.get(zmq.EVENTS)  # let the socket take in pending link changes first
         frame = protocol.pack([protocol.PONG, self.id])
         for routes in (self.gateway_routes, self.worker_routes):
             for member, route in list(routes.items()):
