@@ -30,7 +30,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from gateway.handshake import HandshakeParser, Refused
+from gateway.handshake import HandshakeParser, Refused, refuse
 from gateway.protocol import session_entry
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ letting them through before the snapshot breaks the snapshot's promise (in a
 login storm of 1,000 users a held client collects up to 1,000 logins)."""
 HOLD_TIMEOUT = 30.0
 """Seconds a hold lasts at most, should the worker that asked for it die."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a new connection gets to send its whole opening handshake (then 408)."""
 
 
 def text_frame(data: str | bytes, *, binary: bool = False) -> bytes:
@@ -118,6 +120,7 @@ class ClientConnection(asyncio.Protocol):
         # pause_writing / resume_writing then say exactly when the transport holds
         # unsent bytes, which ``flush_all`` must not overtake.
         transport.set_write_buffer_limits(high=0, low=0)
+        asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self.ws is None:
@@ -370,8 +373,19 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         return -1 if sock is None else sock.fileno()
 
+    def _handshake_timed_out(self) -> None:
+        """A connection that never completes its handshake does not keep its socket."""
+        transport = self.transport
+        if self._handshake is not None and not transport.is_closing():
+            self._handshake = None
+            log.info("handshake timed out after %.0f s", HANDSHAKE_TIMEOUT)
+            transport.write(refuse(408, "the opening handshake took too long").response)
+            transport.close()
+
     def _opening(self, data: bytes) -> bytes:
         """Feed the opening handshake; once accepted, return the bytes that followed it."""
+        if self._handshake is None:  # refused or timed out: the connection is closing
+            return b""
         outcome = self._handshake.feed(data)
         if outcome is None:
             return b""

@@ -316,3 +316,31 @@ def test_tls_frames_always_go_through_the_transport() -> None:
                 conn.connection_lost(None)
 
     run("uvloop", test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_handshake_that_never_completes_gets_408_and_is_closed(
+    loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "HANDSHAKE_TIMEOUT", 0.2)
+
+    async def test() -> None:
+        loop_ = asyncio.get_running_loop()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = socket.socket()
+            client.connect(listener.getsockname())
+            accepted, _ = listener.accept()
+        client.setblocking(False)
+        conn = ClientConnection(FakeGateway())  # type: ignore[arg-type]
+        await loop_.connect_accepted_socket(lambda: conn, accepted)
+        await loop_.sock_sendall(client, UPGRADE[:20])  # a start, then nothing
+        response = b""
+        while chunk := await loop_.sock_recv(client, 4096):  # until the gateway closes
+            response += chunk
+        assert response.startswith(b"HTTP/1.1 408 ")
+        assert not conn.open
+        client.close()
+
+    run(loop, test)
