@@ -138,13 +138,14 @@ class GatewayLink:
     def send_frame(self, frame: bytes) -> None:
         """Queue an encoded command; it leaves at the end of this loop turn."""
         self._out.append(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        self._flush_soon()
 
     def ack(self, seq: int) -> None:
         """Acknowledge a handled event, after the commands its handler queued."""
         self._acks.append(seq)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
