@@ -63,6 +63,8 @@ __all__ = [
 
 _links: GatewayLinks | None = None
 _decode = p.SessionDecoder()
+_last_sessions: tuple[list[Any], dict[int, dict[str, Any]]] | None = None
+"""The last answers of a sessions query, decoded (kept to tell shared answers by identity)."""
 _scope: ContextVar[Any] = ContextVar("businessworker_callback_scope", default=None)
 """The callback being run (set by the dispatcher); its session is written back
 before any query, so a callback that changed its session then asks the cluster
@@ -283,10 +285,25 @@ async def _ask_all(kind: str, *args: Any) -> list[Any]:
 
 
 def _sessions(answers: list[Any]) -> dict[int, dict[str, Any]]:
-    """{client id: session}, in client id order, from every gateway's [[id, packed], ...]."""
-    pairs = _concat(answers)
-    pairs.sort(key=_first)
-    return _decode.pairs(pairs)
+    """{client id: session}, in client id order, from every gateway's [[id, packed], ...].
+
+    Callers who shared one request (see ``GatewayLink.query``) got the same
+    answer objects: the first decodes and sorts them, the others only copy.
+    """
+    global _last_sessions
+    last = _last_sessions
+    if (
+        last is not None
+        and len(last[0]) == len(answers)
+        and all(a is b for a, b in zip(last[0], answers, strict=True))
+    ):
+        shared = last[1]
+    else:
+        pairs = _concat(answers)
+        pairs.sort(key=_first)
+        shared = _decode.shared_pairs(pairs)
+        _last_sessions = (answers, shared)
+    return {cid: session.copy() for cid, session in shared.items()}
 
 
 def _first(pair: list[Any]) -> Any:

@@ -5,6 +5,11 @@ command meant for every gateway (a broadcast) is packed once and the same
 bytes are sent down every link. Everything sent in one loop turn leaves as the
 parts of one ZeroMQ message, acknowledgements last: one wake-up of libzmq's I/O
 thread per turn instead of one per command.
+
+Identical queries queued in one turn with no command between them share one
+request: the gateway handles a message's parts in order, so it would have given
+each the same answer. A login storm's thousand "who is in the room?" cost one
+reply instead of a thousand (each of a thousand sessions).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from register.keys import Keys
 log = logging.getLogger("gateway.client")
 
 BATCH = 2000
+FLUSH_AT = 1 << 20
+"""Bytes queued after which a handled event's acknowledgement sends the batch
+at once: a worker busy with a storm of events lets the gateway start writing
+instead of waiting for the whole loop turn."""
 QUERY_TIMEOUT = 15.0
 """A gateway busy with a storm of work may take seconds to answer; it is not gone."""
 
@@ -110,7 +119,12 @@ class GatewayLink:
         self._reader = BatchReader(self._asock, self._drain)
         self._sock = self._reader.sock
         self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._sharers: dict[int, list[asyncio.Future[Any]]] = {}
+        """req_id -> the futures of later callers who share that request"""
+        self._asked: dict[tuple[Any, ...], int] = {}
+        """(kind, *args) -> req_id of the queries queued since the last command"""
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._acks: list[int] = []
         self._flush_scheduled = False
         self._bye_ok: asyncio.Future[None] | None = None
@@ -127,10 +141,8 @@ class GatewayLink:
             self._task.cancel()
         if self._bye_ok is not None and not self._bye_ok.done():
             self._bye_ok.set_result(None)  # the gateway is gone: nothing more will come
-        for future in self._replies.values():
-            if not future.done():
-                future.set_exception(ConnectionError(f"link to gateway {self.gateway_id} closed"))
-        self._replies.clear()
+        for req_id in list(self._replies):
+            self._settle(req_id, exc=ConnectionError(f"link to gateway {self.gateway_id} closed"))
         self._asock.close(linger=1000)
 
     # Out
@@ -138,12 +150,17 @@ class GatewayLink:
     def send_frame(self, frame: bytes) -> None:
         """Queue an encoded command; it leaves at the end of this loop turn."""
         self._out.append(frame)
+        self._out_bytes += len(frame)
+        self._asked.clear()
         self._flush_soon()
 
     def ack(self, seq: int) -> None:
         """Acknowledge a handled event, after the commands its handler queued."""
         self._acks.append(seq)
-        self._flush_soon()
+        if self._out_bytes >= FLUSH_AT:
+            self.flush()
+        else:
+            self._flush_soon()
 
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:
@@ -154,7 +171,9 @@ class GatewayLink:
         """Send what this turn queued, as one message (an event's commands and
         its acknowledgement arrive together or not at all)."""
         self._flush_scheduled = False
+        self._asked.clear()
         out, self._out = self._out, []
+        self._out_bytes = 0
         if self._acks:
             out.append(p.pack([p.ACK, self._acks]))
             self._acks = []
@@ -169,9 +188,24 @@ class GatewayLink:
         return future
 
     def query(self, kind: str, *args: Any) -> asyncio.Future[Any]:
+        """Ask the gateway; each caller gets its own future (cancel it freely).
+
+        Callers who share a request get the same answer object: read it, do not
+        change it.
+        """
+        key = (kind, *args)
+        req_id = self._asked.get(key)
+        if req_id is not None:
+            future = asyncio.get_running_loop().create_future()
+            self._sharers.setdefault(req_id, []).append(future)
+            return future
         req_id = next(self._req_ids)
         future = self._expect(req_id)
-        self.send_frame(p.pack([p.QUERY, req_id, kind, list(args)]))
+        frame = p.pack([p.QUERY, req_id, kind, list(args)])
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        self._asked[key] = req_id
+        self._flush_soon()
         return future
 
     def bye(self) -> asyncio.Future[None]:
@@ -188,11 +222,21 @@ class GatewayLink:
         return future
 
     def _time_out(self, req_id: int) -> None:
-        future = self._replies.pop(req_id, None)
-        if future is not None and not future.done():
-            future.set_exception(
-                TimeoutError(f"gateway {self.gateway_id} did not answer in {QUERY_TIMEOUT} s")
+        if req_id in self._replies:
+            self._settle(
+                req_id,
+                exc=TimeoutError(f"gateway {self.gateway_id} did not answer in {QUERY_TIMEOUT} s"),
             )
+
+    def _settle(self, req_id: int, result: Any = None, exc: BaseException | None = None) -> None:
+        """Resolve a request's future and those of whoever shares it."""
+        futures = [self._replies.pop(req_id, None), *self._sharers.pop(req_id, ())]
+        for future in futures:
+            if future is not None and not future.done():
+                if exc is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(exc)
 
     # In
 
@@ -215,9 +259,7 @@ class GatewayLink:
             return
         op = message[0]
         if op == p.REPLY:
-            future = self._replies.pop(message[1], None)
-            if future is not None and not future.done():
-                future.set_result(message[2])
+            self._settle(message[1], message[2])
         elif op == p.BYE_OK:
             if self._bye_ok is not None and not self._bye_ok.done():
                 self._bye_ok.set_result(None)

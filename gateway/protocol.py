@@ -181,10 +181,17 @@ class SessionDecoder:
         return session.copy()
 
     def pairs(self, pairs: list[list[Any]]) -> dict[int, dict[str, Any]]:
-        """{client_id: session} from [[client_id, packed], ...] (a login storm's hot loop)."""
-        cache, decode = self._cache, self.__call__
+        """{client_id: session} from [[client_id, packed], ...], each session a copy."""
+        return {cid: session.copy() for cid, session in self.shared_pairs(pairs).items()}
+
+    def shared_pairs(self, pairs: list[list[Any]]) -> dict[int, dict[str, Any]]:
+        """Like ``pairs`` but with the cached dicts themselves: read them, never change them."""
+        cache = self._cache
         result = {}
         for client_id, packed in pairs:
             session = cache.get(packed)
-            result[client_id] = decode(packed) if session is None else session.copy()
+            if session is None:
+                self(packed)
+                session = cache[packed]
+            result[client_id] = session
         return result

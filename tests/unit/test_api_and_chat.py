@@ -59,3 +59,17 @@ def test_request_helpers() -> None:
     request = Request("/p", "a=1&a=2&b=x", [("X-Token", "t")], "127.0.0.1:5")
     assert request.header("x-token") == "t" and request.header("nope") is None
     assert request.params == {"a": ["1", "2"], "b": ["x"]}
+
+
+def test_callers_sharing_an_answer_of_sessions_get_their_own_copies() -> None:
+    from gateway import protocol as p
+
+    answer = [[2, p.pack_session({"name": "b"})], [1, p.pack_session({"name": "a"})]]
+    first = api._sessions([answer, None])
+    second = api._sessions([answer, None])  # the same answer object: decoded once
+    assert list(first) == [1, 2] and first == second
+    first[1]["name"] = "changed by the app"
+    assert second[1] == {"name": "a"} and api._sessions([answer, None])[1] == {"name": "a"}
+    fresh = [[3, p.pack_session({"name": "c"})]]  # another answer: decoded afresh
+    assert api._sessions([fresh]) == {3: {"name": "c"}}
+    assert api._sessions([[[3, p.EMPTY_SESSION]]]) == {3: {}}

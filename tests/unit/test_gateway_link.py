@@ -1,0 +1,127 @@
+"""GatewayLink against a plain ROUTER socket standing in for the gateway.
+
+What is checked is what the gateway would see: which parts arrive, in one
+message or several, and what every caller's future gets from one reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from gateway import client as gw
+from gateway import protocol as p
+
+
+class FakeGateway:
+    """A synchronous ROUTER: receive what the link sent, answer its queries."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.route = b""
+
+    def message(self, timeout_ms: int = 2000) -> list[list[Any]]:
+        """The next multipart message, each part decoded (raises if none comes)."""
+        if not self.sock.poll(timeout_ms):
+            raise AssertionError(f"nothing arrived in {timeout_ms} ms")
+        self.route, *parts = self.sock.recv_multipart()
+        return [p.unpack(part) for part in parts]
+
+    def reply(self, req_id: int, result: Any) -> None:
+        self.sock.send_multipart([self.route, p.pack([p.REPLY, req_id, result])])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[gw.GatewayLink, FakeGateway]]:
+    gateway = FakeGateway()
+    ctx = zmq.asyncio.Context()
+    link = gw.GatewayLink(
+        ctx, "g1", f"tcp://127.0.0.1:{gateway.port}", "w1", lambda link, message: None
+    )
+    link.start([p.HELLO, "w1"])
+    await asyncio.sleep(0)  # the turn ends: the hello leaves
+    assert gateway.message()[0][0] == p.HELLO
+    try:
+        yield link, gateway
+    finally:
+        link.close()
+        ctx.term()
+        gateway.close()
+
+
+async def test_identical_queries_of_one_turn_share_one_request(
+    pair: tuple[gw.GatewayLink, FakeGateway],
+) -> None:
+    link, gateway = pair
+    first = link.query(p.Q_GROUP_SESSIONS, "room")
+    second = link.query(p.Q_GROUP_SESSIONS, "room")
+    other = link.query(p.Q_GROUP_SESSIONS, "lobby")
+    link.send_frame(gw.encode_leave(7, "room"))  # may change the answer
+    after = link.query(p.Q_GROUP_SESSIONS, "room")
+    await asyncio.sleep(0)
+    sent = gateway.message()
+    assert [m[0] for m in sent] == [p.QUERY, p.QUERY, p.LEAVE, p.QUERY]
+    assert [m[3] for m in sent if m[0] == p.QUERY] == [["room"], ["lobby"], ["room"]]
+    shared_id, other_id, after_id = (m[1] for m in sent if m[0] == p.QUERY)
+    gateway.reply(shared_id, [[1, p.EMPTY_SESSION]])
+    gateway.reply(other_id, [])
+    gateway.reply(after_id, [])
+    assert await asyncio.wait_for(first, 2) == [[1, p.EMPTY_SESSION]]
+    assert await asyncio.wait_for(second, 2) == [[1, p.EMPTY_SESSION]]
+    assert first is not second
+    assert await asyncio.wait_for(other, 2) == [] and await asyncio.wait_for(after, 2) == []
+
+
+async def test_a_cancelled_caller_does_not_cancel_those_sharing_its_request(
+    pair: tuple[gw.GatewayLink, FakeGateway],
+) -> None:
+    link, gateway = pair
+    first = link.query(p.Q_COUNT)
+    second = link.query(p.Q_COUNT)
+    first.cancel()
+    await asyncio.sleep(0)
+    (query,) = gateway.message()
+    gateway.reply(query[1], 42)
+    assert await asyncio.wait_for(second, 2) == 42
+
+
+async def test_a_closed_link_fails_every_caller_sharing_a_request(
+    pair: tuple[gw.GatewayLink, FakeGateway],
+) -> None:
+    link, _ = pair
+    futures = [link.query(p.Q_COUNT) for _ in range(3)]
+    link.close()
+    for future in futures:
+        with pytest.raises(ConnectionError):
+            await future
+
+
+async def test_a_large_batch_leaves_at_the_acknowledgement_not_at_the_end_of_the_turn(
+    pair: tuple[gw.GatewayLink, FakeGateway],
+) -> None:
+    link, gateway = pair
+    big = "x" * (gw.FLUSH_AT // 2)
+    link.send_frame(gw.encode_send([1], big))
+    link.ack(10)  # under the bound: waits for the end of the turn
+    link.send_frame(gw.encode_send([2], big))
+    link.ack(11)  # over it: sent now, with both acknowledgements after the commands
+    sent = gateway.message()  # without yielding to the loop
+    assert [m[0] for m in sent] == [p.SEND, p.SEND, p.ACK]
+    assert sent[2][1] == [10, 11]
+    link.send_frame(gw.encode_send([3], "small"))
+    link.ack(12)
+    with pytest.raises(AssertionError):
+        gateway.message(timeout_ms=50)  # a small batch waits for the turn to end
+    await asyncio.sleep(0)
+    assert [m[0] for m in gateway.message()] == [p.SEND, p.ACK]
