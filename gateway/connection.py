@@ -71,6 +71,7 @@ class ClientConnection(asyncio.Protocol):
         "_fragments",
         "_fragments_text",
         "_handshake",
+        "_handshake_timer",
         "_open",
         "_out",
         "client_id",
@@ -91,6 +92,9 @@ class ClientConnection(asyncio.Protocol):
         self.ws: ServerProtocol | None = None
         """the frame protocol, from the end of the opening handshake on"""
         self._handshake: HandshakeParser | None = HandshakeParser()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        """cancelled once the handshake is over: a pending timer would keep this
+        object (and whatever it holds) alive for HANDSHAKE_TIMEOUT after it closed"""
         self.transport: asyncio.Transport | None = None
         self.client_id = 0
         self.session = b"\x80"
@@ -120,7 +124,9 @@ class ClientConnection(asyncio.Protocol):
         # pause_writing / resume_writing then say exactly when the transport holds
         # unsent bytes, which ``flush_all`` must not overtake.
         transport.set_write_buffer_limits(high=0, low=0)
-        asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._handshake_timed_out
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.ws is None:
@@ -144,6 +150,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if self.client_id:
             self.gateway.closed(self)
 
@@ -375,6 +384,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _handshake_timed_out(self) -> None:
         """A connection that never completes its handshake does not keep its socket."""
+        self._handshake_timer = None
         transport = self.transport
         if self._handshake is not None and not transport.is_closing():
             self._handshake = None
@@ -390,6 +400,8 @@ class ClientConnection(asyncio.Protocol):
         if outcome is None:
             return b""
         self._handshake = None
+        self._handshake_timer.cancel()
+        self._handshake_timer = None
         transport = self.transport
         transport.write(outcome.response)
         if isinstance(outcome, Refused):

@@ -25,7 +25,6 @@ here costs about 40 us of CPU per unbatched round trip against 9 us in tens.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import time
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from gateway import protocol
+from gateway.pacing import Pacer
 
 if TYPE_CHECKING:
     from gateway.clients import ClientTable
@@ -74,9 +74,10 @@ class WorkerPool:
         call_soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.sock = sock
-        self._call_soon = call_soon or (lambda f: asyncio.get_running_loop().call_soon(f))
+        self._pacer = Pacer(self.flush)
+        self._call_soon = call_soon
+        """for unit tests without a loop: run instead of the pacer"""
         self._out: dict[bytes, list[bytes]] = {}
-        self._flush_scheduled = False
         self.clients = clients
         self.on_sent = on_sent
         self.max_waiting = max_waiting
@@ -142,18 +143,21 @@ class WorkerPool:
             conn.pause()
         self.post(worker.id, protocol.pack(message))
 
-    # Out: one message per worker per loop turn
+    # Out: one message per worker per batch (a loop turn, or a millisecond: gateway.pacing)
 
     def post(self, worker_id: bytes, frame: bytes) -> None:
-        """Queue a frame for a worker; what is queued in one loop turn leaves together."""
+        """Queue a frame for a worker; what is queued in one batch leaves together."""
         frames = self._out.get(worker_id)
-        if frames is None:
-            self._out[worker_id] = [frame]
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._call_soon(self.flush)
-        else:
+        if frames is not None:
             frames.append(frame)
+            return
+        first = not self._out
+        self._out[worker_id] = [frame]
+        if first:
+            if self._call_soon is None:
+                self._pacer.schedule()
+            else:
+                self._call_soon(self.flush)
 
     def flush(self) -> None:
         """Send each worker its queued frames as the parts of one message.
@@ -161,7 +165,6 @@ class WorkerPool:
         A worker found unreachable here is lost: its unacknowledged events,
         those just queued included, go to the others (queued for the next turn).
         """
-        self._flush_scheduled = False
         out, self._out = self._out, {}
         sock = self.sock
         for worker_id, frames in out.items():
@@ -173,6 +176,8 @@ class WorkerPool:
                 self.lost(worker_id, "unreachable")
         if out:
             self.on_sent()
+            if self._call_soon is None:
+                self._pacer.sent()
 
     def _wait(self, conn: ClientConnection, item: Item) -> None:
         if len(self.waiting) >= self.max_waiting and item[1] != protocol.EVENT_CLOSE:

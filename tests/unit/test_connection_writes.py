@@ -344,3 +344,45 @@ def test_a_handshake_that_never_completes_gets_408_and_is_closed(
         client.close()
 
     run(loop, test)
+
+
+class Watched(ClientConnection):
+    """Tells when its connection was lost."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self, gateway: Any) -> None:
+        super().__init__(gateway)
+        self.lost = asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.lost.set()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_finished_handshake_leaves_no_timer_holding_the_connection(loop: str) -> None:
+    async def test() -> None:
+        loop_ = asyncio.get_running_loop()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(2)
+            clients = [socket.socket() for _ in range(2)]
+            for c in clients:
+                c.connect(listener.getsockname())
+            accepted = [listener.accept()[0] for _ in clients]
+        conns = [Watched(FakeGateway()) for _ in clients]  # type: ignore[arg-type]
+        for conn, sock in zip(conns, accepted, strict=True):
+            await loop_.connect_accepted_socket(lambda conn=conn: conn, sock)
+        timers = [conn._handshake_timer for conn in conns]
+        assert all(t is not None and not t.cancelled() for t in timers)
+        conns[0].data_received(UPGRADE)  # accepted
+        clients[1].close()  # gone before finishing its handshake
+        await asyncio.wait_for(conns[1].lost.wait(), 5)
+        assert conns[0]._handshake_timer is None and timers[0].cancelled()
+        assert conns[1]._handshake_timer is None and timers[1].cancelled()
+        with contextlib.suppress(Exception):
+            conns[0].connection_lost(None)
+        clients[0].close()
+
+    run(loop, test)

@@ -22,23 +22,33 @@ class FakeGateway:
     """A synchronous ROUTER: receive what the link sent, answer its queries."""
 
     def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.ctx = zmq.asyncio.Context()
+        self.asock = self.ctx.socket(zmq.ROUTER)
+        self.port = self.asock.bind_to_random_port("tcp://127.0.0.1")
+        self.sock = zmq.Socket.shadow(self.asock.underlying)
         self.route = b""
 
     def message(self, timeout_ms: int = 2000) -> list[list[Any]]:
-        """The next multipart message, each part decoded (raises if none comes)."""
+        """The next multipart message, each part decoded (raises if none comes).
+
+        Blocks the loop: for what must have been sent already, without its help.
+        """
         if not self.sock.poll(timeout_ms):
             raise AssertionError(f"nothing arrived in {timeout_ms} ms")
         self.route, *parts = self.sock.recv_multipart()
         return [p.unpack(part) for part in parts]
 
+    async def next_message(self) -> list[list[Any]]:
+        """The next message, letting the loop run (and the link's flush timers fire)."""
+        if not await self.asock.poll(2000):
+            raise AssertionError("nothing arrived in 2000 ms")
+        return self.message(0)
+
     def reply(self, req_id: int, result: Any) -> None:
         self.sock.send_multipart([self.route, p.pack([p.REPLY, req_id, result])])
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        self.asock.close(linger=0)
         self.ctx.term()
 
 
@@ -50,8 +60,7 @@ async def pair() -> AsyncIterator[tuple[gw.GatewayLink, FakeGateway]]:
         ctx, "g1", f"tcp://127.0.0.1:{gateway.port}", "w1", lambda link, message: None
     )
     link.start([p.HELLO, "w1"])
-    await asyncio.sleep(0)  # the turn ends: the hello leaves
-    assert gateway.message()[0][0] == p.HELLO
+    assert (await gateway.next_message())[0][0] == p.HELLO
     try:
         yield link, gateway
     finally:
@@ -69,8 +78,7 @@ async def test_identical_queries_of_one_turn_share_one_request(
     other = link.query(p.Q_GROUP_SESSIONS, "lobby")
     link.send_frame(gw.encode_leave(7, "room"))  # may change the answer
     after = link.query(p.Q_GROUP_SESSIONS, "room")
-    await asyncio.sleep(0)
-    sent = gateway.message()
+    sent = await gateway.next_message()
     assert [m[0] for m in sent] == [p.QUERY, p.QUERY, p.LEAVE, p.QUERY]
     assert [m[3] for m in sent if m[0] == p.QUERY] == [["room"], ["lobby"], ["room"]]
     shared_id, other_id, after_id = (m[1] for m in sent if m[0] == p.QUERY)
@@ -90,8 +98,7 @@ async def test_a_cancelled_caller_does_not_cancel_those_sharing_its_request(
     first = link.query(p.Q_COUNT)
     second = link.query(p.Q_COUNT)
     first.cancel()
-    await asyncio.sleep(0)
-    (query,) = gateway.message()
+    (query,) = await gateway.next_message()
     gateway.reply(query[1], 42)
     assert await asyncio.wait_for(second, 2) == 42
 
@@ -122,6 +129,5 @@ async def test_a_large_batch_leaves_at_the_acknowledgement_not_at_the_end_of_the
     link.send_frame(gw.encode_send([3], "small"))
     link.ack(12)
     with pytest.raises(AssertionError):
-        gateway.message(timeout_ms=50)  # a small batch waits for the turn to end
-    await asyncio.sleep(0)
-    assert [m[0] for m in gateway.message()] == [p.SEND, p.ACK]
+        gateway.message(timeout_ms=50)  # a small batch waits for the loop
+    assert [m[0] for m in await gateway.next_message()] == [p.SEND, p.ACK]
