@@ -88,6 +88,7 @@ class WS(asyncio.Protocol):
     __slots__ = (
         "buf",
         "close_code",
+        "close_sent",
         "closed",
         "counts",
         "ctr",
@@ -114,6 +115,7 @@ class WS(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf: bytes | None = b""  # None once the upgrade is done
         self.close_code: int | None = None
+        self.close_sent = False
         self.closed: asyncio.Future[None] | None = None
         self.lost = False
         self.uid = 0
@@ -201,7 +203,8 @@ class WS(asyncio.Protocol):
     def _closed_by_server(self, payload: bytes) -> None:
         self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
         if not self.transport.is_closing():
-            self.transport.write(client_frame(payload[:2], OP_CLOSE))
+            if not self.close_sent:  # the server began: echo its close (RFC 6455 5.5.1)
+                self.transport.write(client_frame(payload[:2], OP_CLOSE))
             self.transport.close()
 
     # Sending
@@ -215,6 +218,7 @@ class WS(asyncio.Protocol):
         if t is not None and not t.is_closing():
             if self.buf is None:
                 t.write(CLOSE_1000)
+                self.close_sent = True
             else:
                 t.close()
 
