@@ -2,10 +2,10 @@
 
 Commands are encoded by the module-level ``encode_*`` functions, so that a
 command meant for every gateway (a broadcast) is packed once and the same
-bytes are sent down every link. Everything queued in one loop turn (or, on a busy
-link, in one millisecond: see ``gateway.pacing``) leaves as the parts of one
-ZeroMQ message, acknowledgements last: one wake-up of libzmq's I/O thread per
-batch instead of one per command.
+bytes are sent down every link. Everything queued in one loop turn leaves as the
+parts of one ZeroMQ message, acknowledgements last: one wake-up of libzmq's I/O
+thread per turn instead of one per command. (Unlike the gateway's side, this
+side is not paced: see ``gateway.pacing``.)
 
 Identical queries queued in one turn with no command between them share one
 request: the gateway handles a message's parts in order, so it would have given
@@ -25,7 +25,6 @@ import zmq
 import zmq.asyncio
 
 from gateway import protocol as p
-from gateway.pacing import Pacer
 from gateway.zmqreader import BatchReader
 from register.keys import Keys
 
@@ -128,7 +127,7 @@ class GatewayLink:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._acks: list[int] = []
-        self._pacer = Pacer(self.flush)
+        self._flush_scheduled = False
         self._bye_ok: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -150,11 +149,11 @@ class GatewayLink:
     # Out
 
     def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded command; it leaves with this turn's batch."""
+        """Queue an encoded command; it leaves at the end of this loop turn."""
         self._out.append(frame)
         self._out_bytes += len(frame)
         self._asked.clear()
-        self._pacer.schedule()
+        self._flush_soon()
 
     def ack(self, seq: int) -> None:
         """Acknowledge a handled event, after the commands its handler queued."""
@@ -162,11 +161,17 @@ class GatewayLink:
         if self._out_bytes >= FLUSH_AT:
             self.flush()
         else:
-            self._pacer.schedule()
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Send what was queued, as one message (an event's commands and its
         acknowledgement arrive together or not at all)."""
+        self._flush_scheduled = False
         self._asked.clear()
         out, self._out = self._out, []
         self._out_bytes = 0
@@ -176,7 +181,6 @@ class GatewayLink:
         if out and not self._sock.closed:
             self._sock.send_multipart(out, zmq.NOBLOCK)
             self._reader.sent()
-            self._pacer.sent()
 
     def join(self, client_id: int, group: str, hold: bool) -> asyncio.Future[Any]:
         req_id = next(self._req_ids)
@@ -202,7 +206,7 @@ class GatewayLink:
         self._out.append(frame)
         self._out_bytes += len(frame)
         self._asked[key] = req_id
-        self._pacer.schedule()
+        self._flush_soon()
         return future
 
     def bye(self) -> asyncio.Future[None]:
