@@ -224,6 +224,7 @@ def key_figures(r: dict[str, Any]) -> list[tuple[str, Any]]:
             ("srv CPU%", cpu.get("server_cpu_pct")),
             ("cli CPU%", cpu.get("client_cpu_pct")),
             ("other CPU%", cpu.get("others_cpu_pct")),
+            ("steal%", cpu.get("steal_pct")),
         ]
     return out
 

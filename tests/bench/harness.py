@@ -60,6 +60,12 @@ def cpu_times() -> list[tuple[float, float]]:
     return out
 
 
+def steal_jiffies() -> int:
+    """Time the hypervisor gave this VM's CPUs to others (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8])
+
+
 def busy_fraction(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[float]:
     return [
         round((b1 - a1) / (t2 - t1), 3) if t2 > t1 else 0.0
@@ -81,7 +87,8 @@ class CpuMeter:
 
     ``others_cpu_s`` is what every other process on the machine used meanwhile
     (a test suite running beside the benchmark shows up there): figures taken
-    while it is high are disturbed.
+    while it is high are disturbed. ``steal_pct`` is CPU the hypervisor gave to
+    other machines meanwhile (percent of one core).
     """
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
@@ -93,6 +100,7 @@ class CpuMeter:
         self.t0 = time.monotonic()
         self.c0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in self.groups.items()}
         self.s0 = cpu_times()
+        self.steal0 = steal_jiffies()
         self.a0 = all_cpu()
 
     def stop(self) -> dict[str, Any]:
@@ -108,6 +116,9 @@ class CpuMeter:
         out["others_cpu_s"] = round(others, 3)
         out["others_cpu_pct"] = round(100 * others / wall, 1) if wall else 0.0
         out["core_busy"] = busy_fraction(self.s0, cpu_times())
+        # A VM's CPUs can be taken by the host: a run with steal is slowed from outside.
+        steal = (steal_jiffies() - self.steal0) / os.sysconf("SC_CLK_TCK")
+        out["steal_pct"] = round(100 * steal / wall, 1) if wall else 0.0
         # One core each when pinned: whichever side is near 100 % of its core bounds the run.
         sides = [k for k in ("server", "client") if out.get(f"{k}_cpu_pct", 0) >= 90]
         out["saturated"] = sides or None
