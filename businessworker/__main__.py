@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     app = App.load(args.app)
     keys = curve.load(args.curve_key)
+    # What is loaded by now (modules, the app) lives as long as the process: keep it
+    # out of the collector's full passes, which otherwise traverse it every time.
+    gc.freeze()
     code = uvloop.run(_run(app, register_addresses(args.register), keys))
     # Without this, messages still queued in ZeroMQ (a stopping worker's last
     # acknowledgements) can die with the process; destroy flushes them first.

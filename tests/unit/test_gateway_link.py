@@ -131,3 +131,15 @@ async def test_a_large_batch_leaves_at_the_acknowledgement_not_at_the_end_of_the
     with pytest.raises(AssertionError):
         gateway.message(timeout_ms=50)  # a small batch waits for the loop
     assert [m[0] for m in await gateway.next_message()] == [p.SEND, p.ACK]
+
+
+async def test_an_answered_query_leaves_no_timer_behind(
+    pair: tuple[gw.GatewayLink, FakeGateway],
+) -> None:
+    link, gateway = pair
+    futures = [link.query(p.Q_COUNT), link.query(p.Q_COUNT)]  # one request, shared
+    (timer,) = link._timeouts.values()
+    (query,) = await gateway.next_message()
+    gateway.reply(query[1], 3)
+    assert [await asyncio.wait_for(f, 2) for f in futures] == [3, 3]
+    assert link._timeouts == {} and timer.cancelled()
