@@ -18,7 +18,9 @@ at most. Measured (interleaved runs of ``make bench``): handshakes 2,500 ->
 p50 1.5 -> 2.9 ms and p99 15-41 -> 14-16 ms.
 
 Workers do not pace their side: doing so saved little more CPU and gave
-private messages a p99 of 55-69 ms, for reasons not found yet.
+private messages a p99 of 55-69 ms. That was measured while the workers' query
+timers still kept every request alive for 15 s (long garbage-collector pauses,
+fixed since), and has not been measured again.
 """
 
 from __future__ import annotations
