@@ -72,6 +72,7 @@ class ClientConnection(asyncio.Protocol):
         "_fragments_text",
         "_handshake",
         "_handshake_timer",
+        "_hold_timer",
         "_open",
         "_out",
         "client_id",
@@ -108,6 +109,9 @@ class ClientConnection(asyncio.Protocol):
         self.uid: str | None = None
         self.hold: list[bytes] | None = None
         """frames held back until the next direct send (see ``hold_until_direct``)"""
+        self._hold_timer: asyncio.TimerHandle | None = None
+        """ends the hold after HOLD_TIMEOUT; cancelled with the hold, so that it
+        neither ends a later hold early nor keeps a closed connection alive"""
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
         self._out: bytes | list[bytes] | None = None
@@ -153,6 +157,8 @@ class ClientConnection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        if self.hold is not None:
+            self._end_hold()
         if self.client_id:
             self.gateway.closed(self)
 
@@ -260,11 +266,14 @@ class ClientConnection(asyncio.Protocol):
 
     def write_direct(self, frame: bytes) -> None:
         """Write a frame addressed to this client by id; releases held frames after it."""
-        held, self.hold = self.hold, None
+        held = self.hold
+        if held is None:
+            self.write(frame)
+            return
+        self._end_hold()
         self.write(frame)
-        if held:
-            for f in held:
-                self.write(f)
+        for f in held:
+            self.write(f)
 
     def hold_until_direct(self) -> None:
         """Hold back group and broadcast frames until the next direct write.
@@ -275,13 +284,22 @@ class ClientConnection(asyncio.Protocol):
         """
         if self.hold is None:
             self.hold = []
-            asyncio.get_running_loop().call_later(HOLD_TIMEOUT, self._release_hold)
+            self._hold_timer = asyncio.get_running_loop().call_later(
+                HOLD_TIMEOUT, self._release_hold
+            )
 
     def _release_hold(self) -> None:
-        if self.hold is not None:
-            held, self.hold = self.hold, None
+        held = self.hold
+        if held is not None:
+            self._end_hold()
             for f in held:
                 self.write(f)
+
+    def _end_hold(self) -> None:
+        self.hold = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake; the TCP connection goes when the client answers."""

@@ -160,6 +160,24 @@ def test_held_frames_follow_the_direct_one(loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_hold_ended_by_its_snapshot_takes_its_timer_with_it(loop: str) -> None:
+    async def test() -> None:
+        conn, client = await open_pair(FakeGateway())
+        conn.hold_until_direct()
+        first = conn._hold_timer
+        conn.write_direct(text_frame("snapshot"))
+        assert conn.hold is None and conn._hold_timer is None and first.cancelled()
+        conn.hold_until_direct()  # a later hold: only its own timer may end it
+        second = conn._hold_timer
+        assert second is not first and not second.cancelled()
+        conn.connection_lost(None)
+        assert conn._hold_timer is None and second.cancelled()
+        client.close()
+
+    run(loop, test)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
     loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
