@@ -155,9 +155,12 @@ class GatewayLink:
 
     def send_frame(self, frame: bytes) -> None:
         """Queue an encoded command; it leaves at the end of this loop turn."""
+        self._asked.clear()  # a query after it may get another answer
+        self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
         self._out.append(frame)
         self._out_bytes += len(frame)
-        self._asked.clear()
         self._flush_soon()
 
     def ack(self, seq: int) -> None:
@@ -207,11 +210,8 @@ class GatewayLink:
             return future
         req_id = next(self._req_ids)
         future = self._expect(req_id)
-        frame = p.pack([p.QUERY, req_id, kind, list(args)])
-        self._out.append(frame)
-        self._out_bytes += len(frame)
+        self._queue(p.pack([p.QUERY, req_id, kind, list(args)]))
         self._asked[key] = req_id
-        self._flush_soon()
         return future
 
     def bye(self) -> asyncio.Future[None]:

@@ -264,18 +264,18 @@ def _decide(buf: bytes | bytearray, end: int) -> Accepted | Refused:
     value = found.get("connection")
     if value is None or not _has_token(value, "upgrade"):
         return refuse(426, "expected Connection: Upgrade")
-    key = found.get("sec-websocket-key")
-    if key is None or key == _REPEATED:
+    key = _single(found, "sec-websocket-key")
+    if key is None:
         return refuse(400, "expected one Sec-WebSocket-Key header")
     if _KEY.fullmatch(key) is None:
         return refuse(400, "Sec-WebSocket-Key is not base64 of 16 bytes")
-    version = found.get("sec-websocket-version")
-    if version is None or version == _REPEATED:
+    version = _single(found, "sec-websocket-version")
+    if version is None:
         return refuse(400, "expected one Sec-WebSocket-Version header")
     if version != "13":
         return refuse(426, "unsupported Sec-WebSocket-Version, expected 13")
-    host = found.get("host")
-    if host is None or host == _REPEATED:
+    host = _single(found, "host")
+    if host is None:
         return refuse(400, "expected one Host header")
     if _HOST.fullmatch(host) is None:
         return refuse(400, "invalid Host header")
@@ -309,6 +309,12 @@ def _combine(fields: list[tuple[str, str]]) -> dict[str, str]:
         else:
             found[lower] = _REPEATED
     return found
+
+
+def _single(found: dict[str, str], name: str) -> str | None:
+    """The field's value if the request sent it exactly once, else None."""
+    value = found.get(name)
+    return None if value == _REPEATED else value
 
 
 def _has_token(value: str, token: str) -> bool:

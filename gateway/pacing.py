@@ -13,9 +13,9 @@ So while the gateway sent less than ``PACE`` ago, what it queues waits until
 ``PACE`` has passed, and leaves together (Nagle's idea, or Kafka's
 ``linger.ms``). A gateway that has been quiet sends at the end of the turn, as
 before: an isolated event is not delayed at all, one in a busy stream by 1 ms
-at most. Measured (interleaved runs of ``make bench``): handshakes 2,500 ->
-4,300/s per gateway, private messages 470 -> 355 us of server CPU each, their
-p50 1.5 -> 2.9 ms and p99 15-41 -> 14-16 ms.
+at most. Measured (runs of ``make bench`` in the same hour): handshakes 2,500
+-> 4,200-4,500/s per gateway, private messages 470 -> 355 us of server CPU
+each, their median latency 1.5 -> 2.9 ms.
 
 Workers do not pace their side: doing so saved little more CPU and gave
 private messages a p99 of 55-69 ms. That was measured while the workers' query
