@@ -2,37 +2,37 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
-import logging
 import signal
-import sys
 
 import uvloop
 import zmq.asyncio
 
 from businessworker.app import App
 from businessworker.worker import Worker
-from register import keys as curve
+from chatcluster import cli, logs
+from chatcluster import keys as curve
 from register.client import ENV_REGISTER, register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m businessworker", description=__doc__)
+    parser = cli.Parser(prog="python -m businessworker", description=__doc__)
     parser.add_argument("--app", required=True, help="importable module with the callbacks")
     parser.add_argument(
         "--register", action="append", help=f"register address, repeatable (${ENV_REGISTER})"
     )
     parser.add_argument("--curve-key", help=f"cluster secret key file (${curve.ENV_KEY})")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain links, no key: for a cluster started --insecure (a WARNING at start)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    logs.setup(args.log_level)
     app = App.load(args.app)
-    keys = curve.load(args.curve_key)
+    keys = curve.for_process(args.curve_key, insecure=args.insecure)
     # What is loaded by now (modules, the app) lives as long as the process: keep it
     # out of the collector's full passes, which otherwise traverse it every time.
     gc.freeze()
@@ -53,4 +53,4 @@ async def _run(app: App, registers: list[str], keys: curve.Keys | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "businessworker")

@@ -19,9 +19,9 @@ from typing import Any
 
 import zmq.asyncio
 
+from chatcluster.keys import Keys
 from gateway.client import EventHandler, GatewayLink
 from gateway.ids import prefix_of
-from register.keys import Keys
 
 log = logging.getLogger("businessworker.links")
 

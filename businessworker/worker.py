@@ -18,10 +18,10 @@ from businessworker import api
 from businessworker.app import App, WorkerInfo
 from businessworker.dispatch import Dispatcher
 from businessworker.links import GatewayLinks
+from chatcluster.keys import Keys
 from gateway import protocol as gateway_protocol
 from register import protocol as register_protocol
 from register.client import RegisterClient
-from register.keys import Keys
 
 log = logging.getLogger("businessworker")
 

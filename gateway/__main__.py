@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
-import logging
 import signal
 import ssl
-import sys
 
 import uvloop
 import zmq.asyncio
 
+from chatcluster import cli, logs
+from chatcluster import keys as curve
 from gateway.server import Gateway, GatewayConfig
-from register import keys as curve
 from register.client import ENV_REGISTER, register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser = cli.Parser(prog="python -m gateway", description=__doc__)
     parser.add_argument("--listen", default="0.0.0.0:7272", help="client WebSocket HOST:PORT")
     parser.add_argument(
         "--internal", default="tcp://127.0.0.1:*", help="ZeroMQ bind address for workers"
@@ -30,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--curve-key", help=f"cluster secret key file (${curve.ENV_KEY})")
     parser.add_argument(
-        "--insecure", action="store_true", help="allow --internal beyond loopback without keys"
+        "--insecure",
+        action="store_true",
+        help="plain links, no key: any local account can join (a WARNING at start)",
     )
     parser.add_argument("--tls-cert", help="certificate chain file: serve wss://")
     parser.add_argument("--tls-key", help="private key file of --tls-cert")
@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-time", type=float, default=5.0, help="seconds a stop may take")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
-    # websockets logs every connection open/close at INFO: far too chatty for a gateway.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    logs.setup(args.log_level)
     host, _, port = args.listen.rpartition(":")
     config = GatewayConfig(
         host=host or "0.0.0.0",
@@ -54,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         internal=args.internal,
         advertise=args.advertise,
         registers=register_addresses(args.register),
-        keys=curve.load(args.curve_key),
-        insecure=args.insecure,
+        keys=curve.for_process(args.curve_key, insecure=args.insecure),
         ssl=_tls(args.tls_cert, args.tls_key),
         max_message_size=args.max_message_size,
         max_send_buffer=args.max_send_buffer,
@@ -101,4 +95,4 @@ async def _run(config: GatewayConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "gateway")

@@ -24,9 +24,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from chatcluster import auth
+from chatcluster.keys import Keys
 from gateway import protocol as p
 from gateway.zmqreader import BatchReader
-from register.keys import Keys
 
 log = logging.getLogger("gateway.client")
 
@@ -116,6 +117,9 @@ class GatewayLink:
         self._asock.setsockopt(zmq.HEARTBEAT_TIMEOUT, p.ZMTP_TIMEOUT_MS)
         if keys is not None:
             keys.client(self._asock)
+        self._watcher = auth.watch_client(
+            self._asock, f"gateway {gateway_id} {address}", keys is not None
+        )
         self._asock.connect(address)
         self._reader = BatchReader(self._asock, self._drain)
         self._sock = self._reader.sock
@@ -142,6 +146,7 @@ class GatewayLink:
 
     def close(self) -> None:
         self.flush()
+        self._watcher.cancel()
         self._reader.stop()
         if self._task is not None:
             self._task.cancel()

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from chatcluster.logs import Throttle, held_back
 from gateway import protocol as p
 from gateway.connection import text_frame
 
@@ -31,6 +32,7 @@ class Commands:
     def __init__(self, clients: ClientTable, pool: WorkerPool) -> None:
         self.clients = clients
         self.pool = pool
+        self._refusals = Throttle()
         self._handlers: dict[int, Callable[[bytes, list[Any]], None]] = {
             p.HELLO: self._hello,
             p.BYE: self._bye,
@@ -64,16 +66,37 @@ class Commands:
         }
 
     def handle(self, parts: list[bytes]) -> None:
-        """One ZeroMQ message: the worker's routing id, then one or more commands."""
+        """One ZeroMQ message: the worker's routing id, then one or more commands.
+
+        Only members act: a peer that has not joined with HELLO (it holds the
+        cluster key, or the links are --insecure) has nothing it sends carried out.
+        """
         worker_id = parts[0]
-        self.pool.seen(worker_id)
+        joined = worker_id in self.pool.workers
+        if joined:
+            self.pool.seen(worker_id)
         handlers = self._handlers
         for frame in parts[1:]:
             try:
                 message = p.unpack(frame)
+                if not joined:
+                    if message[0] != p.HELLO:
+                        self._not_joined(worker_id, message[0])
+                        continue
+                    joined = True
                 handlers[message[0]](worker_id, message)
             except Exception as exc:  # one bad command must not stop the gateway
                 log.warning("bad command from worker=%r error=%r", worker_id, exc)
+
+    def _not_joined(self, worker_id: bytes, opcode: Any) -> None:
+        shown = self._refusals.hit(worker_id)
+        if shown is not None:
+            log.warning(
+                "ignored a command from a peer that has not joined as a worker peer=%r opcode=%r%s",
+                worker_id,
+                opcode,
+                held_back(shown),
+            )
 
     def _reply(self, worker_id: bytes, req_id: int, result: Any) -> None:
         self.pool.post(worker_id, p.pack([p.REPLY, req_id, result]))

@@ -17,6 +17,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from chatcluster import auth
+from chatcluster.keys import Keys, check_exposure
 from gateway import protocol
 from gateway.clients import ClientTable
 from gateway.commands import Commands
@@ -24,7 +26,6 @@ from gateway.connection import ClientConnection
 from gateway.ids import IdAllocator, fresh_prefix
 from gateway.workers import WorkerPool
 from gateway.zmqreader import BatchReader
-from register import keys as curve
 from register import protocol as register_protocol
 from register.client import RegisterClient
 
@@ -55,10 +56,8 @@ class GatewayConfig:
     reconnect elsewhere at the same instant."""
     drain_time: float = 5.0
     """The drain never takes longer than this: batches grow to fit."""
-    keys: curve.Keys | None = None
-    """CURVE keys for the internal links; None for plain links (loopback only)."""
-    insecure: bool = False
-    """Allow binding the internal address beyond loopback without keys."""
+    keys: Keys | None = None
+    """The cluster key for the internal links; None for plain links (--insecure)."""
     ssl: ssl_module.SSLContext | None = None
     """TLS for the client side (wss://), or None."""
 
@@ -67,7 +66,7 @@ class Gateway:
     """Holds client connections and carries out the workers' commands."""
 
     def __init__(self, config: GatewayConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
-        curve.check_exposure(config.internal, config.keys, config.insecure)
+        check_exposure(config.internal, config.keys)
         self.config = config
         self.max_message_size = config.max_message_size
         self.max_send_buffer = config.max_send_buffer
@@ -123,11 +122,10 @@ class Gateway:
         asock.setsockopt(zmq.RCVHWM, 0)
         asock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
         asock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
-        auth = None
+        authenticator = auth.start(self.ctx, self.config.keys)
         if self.config.keys is not None:
-            auth = curve.authenticate(self.ctx, self.config.keys)
             self.config.keys.server(asock)
-        monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
+        monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED | auth.HANDSHAKE_EVENTS)
         asock.bind(self.config.internal)
         self.address = _advertised(
             asock.getsockopt_string(zmq.LAST_ENDPOINT), self.config.advertise
@@ -186,8 +184,8 @@ class Gateway:
             asock.disable_monitor()
             monitor.close(linger=0)
             asock.close(linger=1000)
-            if auth is not None:
-                auth.stop()
+            if authenticator is not None:
+                authenticator.stop()
             log.info("gateway stopped id=%s", self.id)
 
     def stop(self) -> None:
@@ -271,7 +269,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            if not curve.log_handshake_failures(event):
+            if not auth.report_server_event(event):
                 for delay in PROBE_DELAYS:
                     loop.call_later(delay, self.pool.probe)
 

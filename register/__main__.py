@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 import time
@@ -13,47 +11,48 @@ import time
 import uvloop
 import zmq.asyncio
 
-from register import keys as curve
+from chatcluster import cli, logs
+from chatcluster import keys as curve
 from register import protocol
 from register.client import fetch_status, register_addresses
 from register.server import Register
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m register", description=__doc__)
+    parser = cli.Parser(prog="python -m register", description=__doc__)
     parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "keys"])
     parser.add_argument("--bind", default=protocol.DEFAULT_ADDRESS, help="ZeroMQ address to bind")
     parser.add_argument("--register", action="append", help="register to ask (status)")
     parser.add_argument("--json", action="store_true", help="status as one JSON document")
     parser.add_argument("--curve-key", help=f"cluster secret key file (default ${curve.ENV_KEY})")
     parser.add_argument(
-        "--insecure", action="store_true", help="allow a bind beyond loopback without keys"
+        "--insecure",
+        action="store_true",
+        help="plain links, no key: any local account can join (a WARNING at start)",
     )
     parser.add_argument("--out", default="keys", help="folder for new keys (keys)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    logs.setup(args.log_level)
     if args.command == "keys":
         secret = curve.generate(args.out)
         print(f"secret key (copy to every machine, keep private): {secret}")
         print(f"public key: {secret.with_suffix('.key')}")
         print(f"use: --curve-key {secret}   or   {curve.ENV_KEY}={secret}")
         return 0
-    keys = curve.load(args.curve_key)
     if args.command == "status":
+        keys = curve.for_process(args.curve_key, insecure=args.insecure, create=False)
         address = register_addresses(args.register)[0]
         return uvloop.run(_status(address, args.json, keys))
-    code = uvloop.run(_run(args.bind, keys, args.insecure))
+    keys = curve.for_process(args.curve_key, insecure=args.insecure)
+    code = uvloop.run(_run(args.bind, keys))
     # Flush what ZeroMQ still has queued (last replies, goodbyes) before exiting.
     zmq.asyncio.Context.instance().destroy(linger=2000)
     return code
 
 
-async def _run(bind: str, keys: curve.Keys | None, insecure: bool) -> int:
-    register = Register(bind, keys=keys, insecure=insecure)
+async def _run(bind: str, keys: curve.Keys | None) -> int:
+    register = Register(bind, keys=keys)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, register.stop)
@@ -89,8 +88,4 @@ async def _status(address: str, as_json: bool, keys: curve.Keys | None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `python -m register status | head`
-        sys.stderr.close()
-        sys.exit(0)
+    cli.run(main, "register")

@@ -19,13 +19,18 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from chatcluster import auth
+from chatcluster.keys import Keys
 from register import protocol
-from register.keys import Keys
 
 log = logging.getLogger("register.client")
 
 ENV_REGISTER = "CHAT_REGISTER"
 """Comma-separated register addresses, when no --register option is given."""
+SILENCE_WARN = 5.0
+"""Seconds without an answer from any register before a warning ..."""
+SILENCE_REPEAT = 30.0
+"""... and between two such warnings."""
 
 
 def register_addresses(given: Sequence[str] | None) -> list[str]:
@@ -60,6 +65,10 @@ class RegisterClient:
         self._socks: list[zmq.asyncio.Socket] = []
         self._sync: list[zmq.Socket] = []
         self._wake = asyncio.Event()
+        self._watchers: list[asyncio.Task[None]] = []
+        self.last_answer = time.monotonic()
+        """when a register last answered (start-up counts as one)"""
+        self._warned_at: float | None = None
 
     def beat_now(self) -> None:
         """Send a heartbeat at once instead of at the next tick (after a change)."""
@@ -77,6 +86,9 @@ class RegisterClient:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
             if self.keys is not None:
                 self.keys.client(sock)
+            self._watchers.append(
+                auth.watch_client(sock, f"register {address}", self.keys is not None)
+            )
             sock.connect(address)
             self._socks.append(sock)
             self._sync.append(zmq.Socket.shadow(sock.underlying))
@@ -89,6 +101,7 @@ class RegisterClient:
                 self._wake.clear()
                 self._send_all(self.beat())
                 next_beat = now + self.interval
+                self._warn_if_silent(now)
             timeout = max(0.0, min(next_beat - time.monotonic(), self.interval))
             ready = await poller.poll(timeout * 1000)
             for sock, _ in ready:
@@ -103,13 +116,37 @@ class RegisterClient:
                     except ValueError as exc:
                         log.warning("bad answer from register=%s error=%r", self.addresses[i], exc)
                         continue
+                    self._answered()
                     self.on_message(i, message)
+
+    def _answered(self) -> None:
+        self.last_answer = time.monotonic()
+        if self._warned_at is not None:
+            self._warned_at = None
+            log.info("a register answers again registers=%s", ",".join(self.addresses))
+
+    def _warn_if_silent(self, now: float) -> None:
+        """Warn after SILENCE_WARN s without any register's answer, then every SILENCE_REPEAT s."""
+        silent = now - self.last_answer
+        if silent < SILENCE_WARN:
+            return
+        if self._warned_at is None or now - self._warned_at >= SILENCE_REPEAT:
+            self._warned_at = now
+            log.warning(
+                "no register answers registers=%s silent_s=%.0f (is it running, with this "
+                "cluster's key?)",
+                ",".join(self.addresses),
+                silent,
+            )
 
     def bye(self, member_id: str) -> None:
         """Tell every register we are leaving (best effort: a dead register needs no goodbye)."""
         self._send_all([protocol.BYE, member_id])
 
     def close(self) -> None:
+        for watcher in self._watchers:
+            watcher.cancel()
+        self._watchers.clear()
         for sock in self._socks:
             sock.close(linger=200)
         self._socks.clear()

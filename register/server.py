@@ -14,7 +14,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from register import keys as curve
+from chatcluster import auth
+from chatcluster.keys import Keys, check_exposure
+from chatcluster.logs import Throttle, held_back
 from register import protocol
 from register.table import Table
 
@@ -33,11 +35,10 @@ class Register:
         self,
         bind: str,
         *,
-        keys: curve.Keys | None = None,
-        insecure: bool = False,
+        keys: Keys | None = None,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
-        curve.check_exposure(bind, keys, insecure)
+        check_exposure(bind, keys)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.bind = bind
         self.keys = keys
@@ -48,6 +49,7 @@ class Register:
         self.gateway_routes: dict[str, bytes] = {}
         self._pushed_version = -1
         self._was_settled = False
+        self._refusals = Throttle()
         self._stopping = asyncio.Event()
         self.failed = False
 
@@ -61,11 +63,10 @@ class Register:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
-        auth = None
+        authenticator = auth.start(self.ctx, self.keys)
         if self.keys is not None:
-            auth = curve.authenticate(self.ctx, self.keys)
             self.keys.server(sock)
-        monitor = sock.get_monitor_socket(curve.HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(auth.HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
         sock.bind(self.bind)
         self.sock = zmq.Socket.shadow(sock.underlying)
         log.info(
@@ -89,8 +90,8 @@ class Register:
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
-            if auth is not None:
-                auth.stop()
+            if authenticator is not None:
+                authenticator.stop()
             log.info("register stopped")
 
     def stop(self) -> None:
@@ -142,6 +143,18 @@ class Register:
         kind = message[0]
         if kind == protocol.GATEWAY:
             entry = message[1]
+            if self.table.takeover(entry):
+                shown = self._refusals.hit(("takeover", entry["id"], entry["address"]))
+                if shown is not None:
+                    log.warning(
+                        "refused a second gateway with a live gateway's id id=%s address=%s "
+                        "claimed=%s%s",
+                        entry["id"],
+                        self.table.gateways[entry["id"]].entry["address"],
+                        entry["address"],
+                        held_back(shown),
+                    )
+                return
             known = entry["id"] in self.table.gateways
             self.gateway_routes[entry["id"]] = route
             refused = self.table.gateway_seen(entry, now)
@@ -192,7 +205,7 @@ class Register:
         loop = asyncio.get_running_loop()
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            if not curve.log_handshake_failures(event):
+            if not auth.report_server_event(event):
                 for delay in PROBE_DELAYS:
                     loop.call_later(delay, self._probe)
 

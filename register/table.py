@@ -36,6 +36,16 @@ class Table:
     version: int = 0
     """Bumped whenever the set of gateways or their addresses/prefixes change."""
 
+    def takeover(self, entry: dict[str, Any]) -> bool:
+        """True when ``entry`` claims a listed gateway's id with another address.
+
+        A gateway's id is random per start and its address never changes, so
+        such a claim is an impostor (or a bug): the listed gateway keeps its id,
+        and its workers keep their links.
+        """
+        listed = self.gateways.get(entry["id"])
+        return listed is not None and listed.entry["address"] != entry["address"]
+
     def gateway_seen(self, entry: dict[str, Any], now: float) -> list[int]:
         """Record a gateway heartbeat; return the prefixes it may not use."""
         gid = entry["id"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from register import keys as curve
+from chatcluster import keys as curve
 from register import protocol as register_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +64,15 @@ class Cluster:
         log_dir: str | None = None,
         env: dict[str, str] | None = None,
         registers: int = 1,
+        insecure: bool = False,
     ) -> None:
-        self.env = env or {}
-        self.keys = curve.load(self.env.get(curve.ENV_KEY))
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cluster-"))
+        # The processes run with the defaults, as `make run` starts them: each finds
+        # (or, the first, makes) the cluster key in its state folder, here a fresh
+        # one per cluster instead of the account's.
+        self.env = {curve.ENV_STATE: str(self.log_dir / "state"), **(env or {})}
+        self.insecure = insecure
+        self._keys: curve.Keys | None = None
         self.app = app
         self.n_gateways = gateways
         self.n_workers = workers
@@ -77,11 +83,24 @@ class Cluster:
             self.ws_ports = [free_port()] * gateways
         else:
             self.ws_ports = [free_port() for _ in range(gateways)]
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cluster-"))
         self.registers: list[subprocess.Popen[bytes] | None] = [None] * registers
         self.gateways: list[subprocess.Popen[bytes] | None] = [None] * gateways
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * workers
         self._starts = 0
+
+    @property
+    def key_file(self) -> Path:
+        """The cluster key the processes use (made by the first one to start)."""
+        given = self.env.get(curve.ENV_KEY)
+        return Path(given) if given else Path(self.env[curve.ENV_STATE]) / curve.KEY_NAME
+
+    @property
+    def keys(self) -> curve.Keys | None:
+        if self.insecure:
+            return None
+        if self._keys is None and self.key_file.exists():
+            self._keys = curve.load(self.key_file)
+        return self._keys
 
     # Lifecycle
 
@@ -142,12 +161,15 @@ class Cluster:
         )
 
     def _register_args(self) -> list[str]:
-        return [arg for address in self.register_addresses for arg in ("--register", address)]
+        args = [arg for address in self.register_addresses for arg in ("--register", address)]
+        return [*args, "--insecure"] if self.insecure else args
 
     def start_register(self, i: int = 0) -> None:
-        self.registers[i] = self._spawn(
-            f"register{i}", ["register", "--bind", self.register_addresses[i]]
-        )
+        args = ["register", "--bind", self.register_addresses[i]]
+        self.registers[i] = self._spawn(f"register{i}", [*args, *self._insecure_args()])
+
+    def _insecure_args(self) -> list[str]:
+        return ["--insecure"] if self.insecure else []
 
     def stop_register(self, i: int = 0) -> None:
         self._terminate(self.registers[i])
@@ -209,6 +231,8 @@ class Cluster:
         """The table of the first register that is running."""
         for address, proc in zip(self.register_addresses, self.registers, strict=True):
             if proc is not None:
+                if self.keys is None and not self.insecure:
+                    return None  # the key is not made yet: nothing can be running
                 return register_status(address, keys=self.keys)
         return None
 

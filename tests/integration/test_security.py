@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from register import keys as curve
+from chatcluster import keys as curve
 from tests.chat import ChatClient
 from tests.cluster import ROOT, Cluster, free_port
 
