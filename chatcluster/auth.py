@@ -8,7 +8,9 @@ nothing else.
 
 Handshakes that fail before ZAP is asked (a peer without CURVE, or with another
 server key) are reported by ZeroMQ's socket monitor, which does not name the
-peer: those are throttled per bound address and reason. On the connecting side
+peer: those are throttled per bound address and reason. For a peer without
+CURVE either end may see the mismatch first and hang up, so the bound end logs
+it only when it saw it first; the connecting end always does. On the connecting side
 the same monitor tells a refused gateway or worker which register or gateway
 refuses it and why.
 """
@@ -79,7 +81,10 @@ class Authenticator:
         shown = _throttle.hit(("zap", peer, key))
         if shown is not None:
             log.warning(
-                "refused a peer with another key peer=%s key=%s%s", peer, key, held_back(shown)
+                "refused a peer with another cluster key peer=%s key=%s%s",
+                peer,
+                key,
+                held_back(shown),
             )
         return [version, request_id, b"400", b"not a member of this cluster", b"", b""]
 
@@ -96,7 +101,7 @@ def describe_server_failure(event: dict[str, Any]) -> str | None:
         if value == MECHANISM_MISMATCH:
             return "a peer without the cluster key (plain ZeroMQ, or --insecure)"
         if value == CRYPTOGRAPHIC:
-            return "a peer that expects another cluster key"
+            return "a peer with another cluster key (it expects another server key)"
         return f"a peer that broke the ZeroMQ protocol (error {value:#x})"
     return None  # AUTH: logged by the ZAP handler, with the peer; NO_DETAIL: a dropped handshake
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import time
 
 import uvloop
@@ -61,11 +60,7 @@ async def _run(bind: str, keys: curve.Keys | None) -> int:
 
 
 async def _status(address: str, as_json: bool, keys: curve.Keys | None) -> int:
-    try:
-        status = await fetch_status(address, keys=keys)
-    except TimeoutError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    status = await fetch_status(address, keys=keys)
     if as_json:
         print(json.dumps(status))
         return 0

@@ -18,8 +18,10 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from chatcluster import auth
+from chatcluster.cli import OperatorError
 from chatcluster.keys import Keys
 from register import protocol
 
@@ -160,21 +162,46 @@ class RegisterClient:
                 sock.send(frame, zmq.NOBLOCK)
 
 
+class RegisterUnreachable(OperatorError, TimeoutError):
+    """No answer from a register, or it refused us (the message says which)."""
+
+
 async def fetch_status(
     address: str, timeout: float = 3.0, keys: Keys | None = None
 ) -> dict[str, Any]:
-    """Ask one register for its table (the ``status`` command and the tests use this)."""
+    """Ask one register for its table (the ``status`` command and the tests use this).
+
+    A register that refuses the handshake is reported with the reason at once,
+    rather than as a timeout.
+    """
     ctx = zmq.asyncio.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if keys is not None:
         keys.client(sock)
-    sock.connect(address)
+    monitor = sock.get_monitor_socket(auth.HANDSHAKE_EVENTS)
     try:
+        sock.connect(address)
         await sock.send(protocol.pack([protocol.STATUS]))
-        if not await sock.poll(timeout * 1000, zmq.POLLIN):
-            raise TimeoutError(f"no answer from register {address} within {timeout} s")
-        message = protocol.unpack(await sock.recv())
-        return message[1]
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready = dict(await poller.poll(left * 1000))
+            if sock in ready:
+                return protocol.unpack(await sock.recv())[1]
+            if monitor in ready:
+                why = auth.describe_client_failure(
+                    parse_monitor_message(await monitor.recv_multipart()), keys is not None
+                )
+                if why is not None:
+                    raise RegisterUnreachable(f"register {address} refuses us: {why}")
+        raise RegisterUnreachable(
+            f"no answer from register {address} within {timeout:.0f} s (is it running? "
+            f"give its address with --register or ${ENV_REGISTER})"
+        )
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
