@@ -245,6 +245,8 @@ class Servers:
     cluster: Any = None
     log_dir: Path | None = None
     pinned: list[int] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    """what ``python -m register status`` needs to reach this cluster (its key)"""
 
     @property
     def pids(self) -> list[int]:
@@ -287,13 +289,14 @@ class Servers:
             self.cluster.stop()
 
 
-def fetch_status(register: str) -> dict[str, Any]:
+def fetch_status(register: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "register", "status", "--register", register, "--json"],
         capture_output=True,
         text=True,
         timeout=15,
         check=True,
+        env=None if env is None else {**os.environ, **env},
     )
     return json.loads(out.stdout)
 
@@ -350,6 +353,7 @@ def start_servers(
         register=cluster.register_address,
         cluster=cluster,
         log_dir=log_dir,
+        env=cluster.env,
     )
     if pin:
         reg = cluster.register.pid if cluster.register is not None else None

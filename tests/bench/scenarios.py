@@ -345,7 +345,7 @@ def idle(s: Settings) -> dict[str, Any]:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 try:
-                    st = fetch_status(run.servers.register)
+                    st = fetch_status(run.servers.register, run.servers.env)
                     status_conns = sum(g["connections"] for g in st["gateways"])
                 except (subprocess.SubprocessError, ValueError, KeyError):
                     status_conns = None
