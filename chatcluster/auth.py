@@ -135,28 +135,29 @@ def report_server_event(event: dict[str, Any]) -> bool:
     return True
 
 
-def watch_client(sock: zmq.asyncio.Socket, peer: str, secure: bool) -> asyncio.Task[None]:
-    """Log, throttled, why the peer we dial (``peer``: "register tcp://...") refuses us.
+class ClientWatch:
+    """Logs, throttled, why the peer we dial (``peer``: "register tcp://...") refuses us.
 
-    Call before connecting; cancel the task before closing the socket.
+    Make it before connecting; ``close`` it before closing the socket.
     """
-    monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
-    return asyncio.ensure_future(_watch_client(sock, monitor, peer, secure))
 
+    def __init__(self, sock: zmq.asyncio.Socket, peer: str, secure: bool) -> None:
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._task = asyncio.ensure_future(self._watch(peer, secure))
 
-async def _watch_client(
-    sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket, peer: str, secure: bool
-) -> None:
-    try:
+    async def _watch(self, peer: str, secure: bool) -> None:
         while True:
-            event = parse_monitor_message(await monitor.recv_multipart())
+            event = parse_monitor_message(await self.monitor.recv_multipart())
             why = describe_client_failure(event, secure)
             if why is None:
                 continue
             shown = _throttle.hit(("client", peer, why))
             if shown is not None:
                 log.warning("refused by %s: %s%s", peer, why, held_back(shown))
-    finally:
-        if not sock.closed:
-            sock.disable_monitor()
-        monitor.close(linger=0)
+
+    def close(self) -> None:
+        self._task.cancel()
+        if not self.sock.closed:
+            self.sock.disable_monitor()
+        self.monitor.close(linger=0)

@@ -117,7 +117,7 @@ class GatewayLink:
         self._asock.setsockopt(zmq.HEARTBEAT_TIMEOUT, p.ZMTP_TIMEOUT_MS)
         if keys is not None:
             keys.client(self._asock)
-        self._watcher = auth.watch_client(
+        self._watcher = auth.ClientWatch(
             self._asock, f"gateway {gateway_id} {address}", keys is not None
         )
         self._asock.connect(address)
@@ -146,7 +146,7 @@ class GatewayLink:
 
     def close(self) -> None:
         self.flush()
-        self._watcher.cancel()
+        self._watcher.close()
         self._reader.stop()
         if self._task is not None:
             self._task.cancel()

@@ -67,7 +67,7 @@ class RegisterClient:
         self._socks: list[zmq.asyncio.Socket] = []
         self._sync: list[zmq.Socket] = []
         self._wake = asyncio.Event()
-        self._watchers: list[asyncio.Task[None]] = []
+        self._watchers: list[auth.ClientWatch] = []
         self.last_answer = time.monotonic()
         """when a register last answered (start-up counts as one)"""
         self._warned_at: float | None = None
@@ -89,7 +89,7 @@ class RegisterClient:
             if self.keys is not None:
                 self.keys.client(sock)
             self._watchers.append(
-                auth.watch_client(sock, f"register {address}", self.keys is not None)
+                auth.ClientWatch(sock, f"register {address}", self.keys is not None)
             )
             sock.connect(address)
             self._socks.append(sock)
@@ -147,7 +147,7 @@ class RegisterClient:
 
     def close(self) -> None:
         for watcher in self._watchers:
-            watcher.cancel()
+            watcher.close()
         self._watchers.clear()
         for sock in self._socks:
             sock.close(linger=200)

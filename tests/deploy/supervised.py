@@ -24,6 +24,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from chatcluster import keys as curve
 from tests.cluster import ROOT, register_status
 
 DEPLOY = ROOT / "deploy"
@@ -61,12 +62,22 @@ class Supervised:
         self.settings = {
             "CHAT_RUN_DIR": str(self.dir / "run"),
             "CHAT_LOG_DIR": str(self.dir / "log"),
+            # The default key of this "machine", instead of the account's.
+            "CHAT_STATE_DIR": str(self.dir / "state"),
             **{k: str(v) for k, v in settings.items()},
         }
         self.config = self.dir / "chat.env"
         self.config.write_text("".join(f"{k}='{v}'\n" for k, v in self.settings.items()))
         self.socket = self.dir / "run" / f"{role_name(role)}.sock"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def keys(self) -> curve.Keys | None:
+        """The cluster key this host's programs use (None before the first start made it)."""
+        if self.settings.get("CHAT_INSECURE") == "1":
+            return None
+        given = self.settings.get(curve.ENV_KEY)
+        path = Path(given) if given else Path(self.settings[curve.ENV_STATE]) / curve.KEY_NAME
+        return curve.load(path) if path.exists() else None
 
     # Commands, optionally inside the namespace
 
@@ -189,8 +200,9 @@ def status_in(host: Supervised) -> dict[str, Any] | None:
     return json.loads(run.stdout) if run.returncode == 0 else None
 
 
-def local_status(register: str) -> dict[str, Any] | None:
-    return register_status(register, timeout=2.0)
+def local_status(register: str, host: Supervised) -> dict[str, Any] | None:
+    """The register's table, asked from here with ``host``'s cluster key."""
+    return register_status(register, timeout=2.0, keys=host.keys())
 
 
 def mesh(status: dict[str, Any] | None, gateways: int, workers: int) -> bool:
