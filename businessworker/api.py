@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import client as gw
 from gateway import protocol as p
+from gateway.client import Run
 
 if TYPE_CHECKING:
     from businessworker.links import GatewayLinks
@@ -108,6 +109,12 @@ def _flush_session() -> None:
         scope.flush()
 
 
+def _run() -> Run:
+    """The run the commands being sent belong to: the callback's, or this turn's own."""
+    scope = _scope.get()
+    return scope.run if scope is not None else _cluster().own_run()
+
+
 # Sending
 
 
@@ -115,7 +122,7 @@ def send_to_client(client_id: int, data: Any) -> None:
     """Send to one client, wherever it is connected."""
     link = _cluster().for_client(client_id)
     if link is not None:
-        link.send_frame(gw.encode_send([int(client_id)], encode(data)))
+        link.send_frame(gw.encode_send([int(client_id)], encode(data)), _run())
 
 
 def send_to_clients(client_ids: Iterable[int], data: Any) -> None:
@@ -124,12 +131,12 @@ def send_to_clients(client_ids: Iterable[int], data: Any) -> None:
     if by_link:
         payload = encode(data)
         for link, ids in by_link.items():
-            link.send_frame(gw.encode_send(ids, payload))
+            link.send_frame(gw.encode_send(ids, payload), _run())
 
 
 def send_to_all(data: Any, *, exclude: Iterable[int] | None = None) -> None:
     """Send to every client of the cluster, except ``exclude``."""
-    _cluster().broadcast(gw.encode_send_all(encode(data), _ids(exclude)))
+    _cluster().broadcast(gw.encode_send_all(encode(data), _ids(exclude)), _run())
 
 
 def send_to_group(
@@ -137,13 +144,13 @@ def send_to_group(
 ) -> None:
     """Send to every member of a group (or of several, each client once)."""
     groups = [_key(group)] if isinstance(group, str | int) else [_key(g) for g in group]
-    _cluster().broadcast(gw.encode_send_group(groups, encode(data), _ids(exclude)))
+    _cluster().broadcast(gw.encode_send_group(groups, encode(data), _ids(exclude)), _run())
 
 
 def send_to_uid(uid: str | int | Iterable[str | int], data: Any) -> None:
     """Send to every connection bound to a uid (or to several uids)."""
     uids = [_key(uid)] if isinstance(uid, str | int) else [_key(u) for u in uid]
-    _cluster().broadcast(gw.encode_send_uid(uids, encode(data)))
+    _cluster().broadcast(gw.encode_send_uid(uids, encode(data)), _run())
 
 
 def close_client(client_id: int, data: Any = None, *, code: int = 1000) -> None:
@@ -151,7 +158,7 @@ def close_client(client_id: int, data: Any = None, *, code: int = 1000) -> None:
     link = _cluster().for_client(client_id)
     if link is not None:
         payload = None if data is None else encode(data)
-        link.send_frame(gw.encode_close(int(client_id), payload, code))
+        link.send_frame(gw.encode_close(int(client_id), payload, code), _run())
 
 
 # Groups and uids
@@ -168,31 +175,31 @@ def join_group(client_id: int, group: str | int, *, hold: bool = False) -> Await
     link = _cluster().for_client(client_id)
     if link is None:
         return _done(False)
-    return link.join(int(client_id), _key(group), hold)
+    return link.join(int(client_id), _key(group), hold, _run())
 
 
 def leave_group(client_id: int, group: str | int) -> None:
     link = _cluster().for_client(client_id)
     if link is not None:
-        link.send_frame(gw.encode_leave(int(client_id), _key(group)))
+        link.send_frame(gw.encode_leave(int(client_id), _key(group)), _run())
 
 
 def ungroup(group: str | int) -> None:
     """Dissolve a group on every gateway (its members stay connected)."""
-    _cluster().broadcast(gw.encode_ungroup(_key(group)))
+    _cluster().broadcast(gw.encode_ungroup(_key(group)), _run())
 
 
 def bind_uid(client_id: int, uid: str | int) -> None:
     """Bind a client to a user id (one uid per client; a uid may have many clients)."""
     link = _cluster().for_client(client_id)
     if link is not None:
-        link.send_frame(gw.encode_bind_uid(int(client_id), _key(uid)))
+        link.send_frame(gw.encode_bind_uid(int(client_id), _key(uid)), _run())
 
 
 def unbind_uid(client_id: int, uid: str | int) -> None:
     link = _cluster().for_client(client_id)
     if link is not None:
-        link.send_frame(gw.encode_unbind_uid(int(client_id), _key(uid)))
+        link.send_frame(gw.encode_unbind_uid(int(client_id), _key(uid)), _run())
 
 
 # Sessions
@@ -202,14 +209,14 @@ def set_session(client_id: int, session: dict[str, Any]) -> None:
     """Replace a client's session (from any worker, by client id)."""
     link = _cluster().for_client(client_id)
     if link is not None:
-        link.send_frame(gw.encode_set_session(int(client_id), p.pack_session(session)))
+        link.send_frame(gw.encode_set_session(int(client_id), p.pack_session(session)), _run())
 
 
 def update_session(client_id: int, changes: dict[str, Any]) -> None:
     """Merge keys into a client's session."""
     link = _cluster().for_client(client_id)
     if link is not None:
-        link.send_frame(gw.encode_update_session(int(client_id), p.pack_session(changes)))
+        link.send_frame(gw.encode_update_session(int(client_id), p.pack_session(changes)), _run())
 
 
 # Queries

@@ -23,12 +23,14 @@ import asyncio
 import inspect
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from businessworker import api
 from businessworker.app import App, Request
 from gateway import protocol as p
-from gateway.client import GatewayLink, encode_set_session
+from gateway.client import GatewayLink, Run, encode_set_session, when_receipted
+from gateway.ids import prefix_of
 
 log = logging.getLogger("businessworker.dispatch")
 
@@ -38,7 +40,7 @@ EVENT_NAMES = {p.EVENT_CONNECT: "connect", p.EVENT_MESSAGE: "message", p.EVENT_C
 class Scope:
     """One callback run: its client, its session, and how to write the session back."""
 
-    __slots__ = ("client_id", "dispatcher", "link", "packed", "session", "version")
+    __slots__ = ("client_id", "dispatcher", "link", "packed", "run", "session", "version")
 
     def __init__(
         self,
@@ -48,8 +50,11 @@ class Scope:
         version: int,
         packed: bytes,
         session: dict[str, Any],
+        run: Run,
     ) -> None:
         self.dispatcher = dispatcher
+        self.run = run
+        """what its commands are counted by, and whether its event is still ours"""
         self.link = link
         self.client_id = client_id
         self.version = version
@@ -64,7 +69,7 @@ class Scope:
             log.error("session not serialisable client=%d error=%r", self.client_id, exc)
             return
         if packed != self.packed:
-            self.link.send_frame(encode_set_session(self.client_id, packed))
+            self.link.send_frame(encode_set_session(self.client_id, packed), self.run)
             self.packed = packed
             self.version += 1
             self.dispatcher.sessions[self.client_id] = (self.version, packed)
@@ -76,8 +81,11 @@ class Scope:
 class Dispatcher:
     """Runs the app's callbacks for events arriving on any gateway link."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, own_run: Callable[[], Run] | None = None) -> None:
         self.app = app
+        self.own_run = own_run or (lambda: Run("worker", 0, None))
+        """the run of commands no event caused (made-up closes of a dead gateway)"""
+        self._scopes: dict[asyncio.Future[None], Scope] = {}
         self.busy: dict[int, deque[tuple[GatewayLink, list[Any]]]] = {}
         self.sessions: dict[int, tuple[int, bytes]] = {}
         """Sessions this worker changed, with their version, until the gateway's
@@ -125,7 +133,8 @@ class Dispatcher:
             session = p.unpack_session(packed)
         except ValueError:
             session = {}
-        scope = Scope(self, link, client_id, version, packed, session)
+        run = Run(prefix_of(client_id), seq, link) if seq is not None else self.own_run()
+        scope = Scope(self, link, client_id, version, packed, session, run)
         token = api._scope.set(scope)
         try:
             result = self._call(op, client_id, session, message)
@@ -136,6 +145,7 @@ class Dispatcher:
                 self._idle.clear()
                 task = asyncio.ensure_future(self._finish_later(result, scope, seq, op))
                 self.tasks.add(task)
+                self._scopes[task] = scope
                 task.add_done_callback(self._task_done)
                 return
         except Exception:
@@ -182,17 +192,42 @@ class Dispatcher:
     async def _finish_later(self, awaitable: Any, scope: Scope, seq: int, op: int) -> None:
         try:
             await awaitable
+        except asyncio.CancelledError:
+            if not scope.run.stale:
+                raise  # the worker is stopping
         except Exception:
-            log.exception(
-                "callback failed client=%d event=%s", scope.client_id, EVENT_NAMES.get(op)
-            )
-        self._done(scope, seq, op)
+            if not scope.run.stale:
+                log.exception(
+                    "callback failed client=%d event=%s", scope.client_id, EVENT_NAMES.get(op)
+                )
+        if not scope.run.stale:
+            self._done(scope, seq, op)
         self._next(scope.client_id)
 
     def _task_done(self, task: asyncio.Future[None]) -> None:
         self.tasks.discard(task)
+        self._scopes.pop(task, None)
         if not self.tasks:
             self._idle.set()
+
+    def abandon(self, link: GatewayLink) -> None:
+        """``link`` is in a new session: drop every run of its old one (the gateway
+        gave those events to other workers), and what we knew of its clients."""
+        for task, scope in list(self._scopes.items()):
+            if scope.run.stale:
+                task.cancel()
+        for client_id, queue in self.busy.items():
+            if any(entry[0] is link for entry in queue):
+                self.busy[client_id] = deque(e for e in queue if e[0] is not link)
+        served = self.served.pop(link.gateway_id, {})
+        for client_id in served:
+            self.sessions.pop(client_id, None)
+        log.info(
+            "dropped a gateway's session gateway=%s clients=%d cancelled=%d",
+            link.gateway_id,
+            len(served),
+            sum(1 for scope in self._scopes.values() if scope.run.stale),
+        )
 
     def gateway_gone(self, link: GatewayLink) -> None:
         """A gateway died: its clients are gone; run on_close for the ones we served."""
@@ -211,8 +246,13 @@ class Dispatcher:
             self.sessions.pop(scope.client_id, None)
         else:
             scope.flush()
-        if seq is not None:  # None: a close made up for a dead gateway, nobody to ack
-            scope.link.ack(seq)
+        if seq is None:  # a close made up for a dead gateway: nobody to ack
+            return
+        run, link = scope.run, scope.link
+        if run.batches:  # commands to other gateways: ack once they have them
+            when_receipted(list(run.batches.values()), lambda: link.ack(seq, run))
+        else:
+            link.ack(seq, run)
 
     def _next(self, client_id: int) -> None:
         queue = self.busy.pop(client_id, None)

@@ -8,10 +8,18 @@ A gateway is unlinked only when it is gone from every register's table and at
 least one register is "settled" (up long enough to have heard from every live
 gateway). So a register restart, which briefly shows an empty table, never
 cuts a link that carries traffic.
+
+The links also watch this worker's own loop: one that was frozen (the process
+paused, a VM stalled, a callback that blocked the loop) for longer than the
+gateways wait for a silent link may have been declared gone by them. Before
+anything leaves after such a freeze, every link starts a new session and
+everything held is dropped (the gateways replay it elsewhere), so that a
+worker that wakes up never acts on events that were taken from it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -19,8 +27,10 @@ from typing import Any
 
 import zmq.asyncio
 
+from chatcluster import links as timing
 from chatcluster.keys import Keys
-from gateway.client import EventHandler, GatewayLink
+from gateway import protocol as p
+from gateway.client import EventHandler, GatewayLink, Run
 from gateway.ids import prefix_of
 
 log = logging.getLogger("businessworker.links")
@@ -28,6 +38,13 @@ log = logging.getLogger("businessworker.links")
 STALE_REGISTER = 30.0
 """A register silent this long no longer vouches for the gateways it listed,
 as long as another register is alive."""
+TICK = 0.25
+"""Seconds between two ticks of the freeze watch."""
+FREEZE_MARGIN = 0.5
+"""A freeze this much shorter than the link timeout is already taken for one that
+the gateways may have noticed."""
+GONE_KEPT = 1000
+"""Ids of gateways this worker ran on_close for, remembered (see ``hello``)."""
 
 
 class GatewayLinks:
@@ -37,20 +54,79 @@ class GatewayLinks:
         self,
         ctx: zmq.asyncio.Context,
         worker_id: str,
-        hello: Callable[[], list[Any]],
+        info: Callable[[], dict[str, Any]],
         on_event: EventHandler,
         keys: Keys | None = None,
         on_gone: Callable[[GatewayLink], None] | None = None,
+        on_reset: Callable[[GatewayLink], None] | None = None,
+        link_timeout: float = timing.LINK_TIMEOUT,
     ) -> None:
         self.on_gone = on_gone
+        self.on_reset = on_reset
         self.ctx = ctx
         self.keys = keys
         self.worker_id = worker_id
-        self.hello = hello
+        self.info = info
         self.on_event = on_event
+        self.link_timeout = link_timeout
         self.links: dict[str, GatewayLink] = {}
         self.by_prefix: dict[int, GatewayLink] = {}
         self._tables: dict[int, tuple[float, bool, dict[str, dict[str, Any]]]] = {}
+        self.gone: dict[str, None] = {}
+        """gateways declared gone (we ran on_close for their clients)"""
+        self.last_tick = time.monotonic()
+        self._own_run: Run | None = None
+        self._own_seq = 0
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def hello(self, link: GatewayLink) -> list[Any]:
+        """A session's HELLO: which gateway we mean, and whether we took it for gone."""
+        info = {**self.info(), "gateway": link.gateway_id}
+        if link.gateway_id in self.gone:
+            info["gone"] = True
+        return [p.HELLO, self.worker_id, info]
+
+    # The freeze watch
+
+    def start(self) -> None:
+        """Tick on the loop; a late tick (or a send long after the last one) is a freeze."""
+        self.last_tick = time.monotonic()
+        self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        self.frozen()
+        self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
+
+    def frozen(self) -> bool:
+        """True, after starting every session anew, if the loop stood still too long."""
+        now = time.monotonic()
+        stood = now - self.last_tick - TICK
+        self.last_tick = now
+        if stood < self.link_timeout - FREEZE_MARGIN:
+            return False
+        log.warning(
+            "this worker's loop stood still for %.1f s (paused, or a callback blocked it): "
+            "dropping what it held, new sessions with every gateway",
+            stood,
+        )
+        links = list(self.links.values())
+        for link in links:
+            link.begin_reset()
+        for link in links:
+            link.finish_reset()
+        return True
+
+    def own_run(self) -> Run:
+        """The run of commands no client event caused, one per loop turn."""
+        run = self._own_run
+        if run is None:
+            self._own_seq += 1
+            run = self._own_run = Run(self.worker_id, self._own_seq, None)
+            asyncio.get_running_loop().call_soon(self._end_own_run)
+        return run
+
+    def _end_own_run(self) -> None:
+        self._own_run = None
 
     def __len__(self) -> int:
         return len(self.links)
@@ -69,10 +145,15 @@ class GatewayLinks:
                 grouped.setdefault(link, []).append(cid)
         return grouped
 
-    def broadcast(self, frame: bytes) -> None:
+    def broadcast(self, frame: bytes, run: Run) -> None:
         """Send one already-encoded command to every gateway."""
         for link in self.links.values():
-            link.send_frame(frame)
+            link.send_frame(frame, run)
+
+    def heartbeat(self) -> None:
+        """A HELLO on every link: the gateways' sign of life from this worker."""
+        for link in self.links.values():
+            link.control(p.pack(self.hello(link)))
 
     def heard_from(self, register: int) -> None:
         if register in self._tables:
@@ -103,27 +184,47 @@ class GatewayLinks:
         if any(settled for _, settled, _ in fresh):
             for gid in [g for g in self.links if g not in listed]:
                 link = self._unlink(gid)
+                self.gone[gid] = None
+                if len(self.gone) > GONE_KEPT:
+                    del self.gone[next(iter(self.gone))]
                 if self.on_gone is not None:
                     self.on_gone(link)
 
     def _link(self, entry: dict[str, Any]) -> None:
         link = GatewayLink(
-            self.ctx, entry["id"], entry["address"], self.worker_id, self.on_event, self.keys
+            self.ctx,
+            entry["id"],
+            entry["address"],
+            self.worker_id,
+            self.on_event,
+            self.keys,
+            hello=self.hello,
+            on_reset=self.on_reset,
+            guard=self.frozen_since_last_tick,
+            link_timeout=self.link_timeout,
         )
         self.links[entry["id"]] = link
         for prefix in entry["prefixes"]:
             self.by_prefix[prefix] = link
-        link.start(self.hello())
+        link.start()
         log.info("linked gateway=%s address=%s", entry["id"], entry["address"])
 
     def _unlink(self, gid: str) -> GatewayLink:
         link = self.links.pop(gid)
-        for prefix in [p for p, lk in self.by_prefix.items() if lk is link]:
+        for prefix in [x for x, lk in self.by_prefix.items() if lk is link]:
             del self.by_prefix[prefix]
         link.close()
         log.info("unlinked gateway=%s", gid)
         return link
 
+    def frozen_since_last_tick(self) -> bool:
+        """The guard of every send: cheap unless the last tick is long past."""
+        if time.monotonic() - self.last_tick - TICK < self.link_timeout - FREEZE_MARGIN:
+            return False
+        return self.frozen()
+
     def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         for gid in list(self.links):
             self._unlink(gid)

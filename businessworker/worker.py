@@ -18,6 +18,7 @@ from businessworker import api
 from businessworker.app import App, WorkerInfo
 from businessworker.dispatch import Dispatcher
 from businessworker.links import GatewayLinks
+from chatcluster import links as timing
 from chatcluster.keys import Keys
 from gateway import protocol as gateway_protocol
 from register import protocol as register_protocol
@@ -39,6 +40,7 @@ class Worker:
         *,
         keys: Keys | None = None,
         ctx: zmq.asyncio.Context | None = None,
+        link_timeout: float = timing.LINK_TIMEOUT,
     ) -> None:
         self.app = app
         self.ctx = ctx or zmq.asyncio.Context.instance()
@@ -49,13 +51,21 @@ class Worker:
         self.links = GatewayLinks(
             self.ctx,
             self.id,
-            self._hello,
+            self._info,
             self.dispatcher.on_event,
             keys=keys,
             on_gone=self.dispatcher.gateway_gone,
+            on_reset=self.dispatcher.abandon,
+            link_timeout=link_timeout,
         )
+        self.dispatcher.own_run = self.links.own_run
         self.register = RegisterClient(
-            registers, self._beat, self._from_register, ctx=self.ctx, keys=keys
+            registers,
+            self._beat,
+            self._from_register,
+            ctx=self.ctx,
+            keys=keys,
+            link_timeout=link_timeout,
         )
         self._stopping = asyncio.Event()
         self.failed = False
@@ -77,6 +87,7 @@ class Worker:
 
     async def run(self) -> None:
         api.bind(self.links)
+        self.links.start()
         await _maybe_await(self.app.on_worker_start(self.info))
         log.info("worker started id=%s app=%s pid=%d", self.id, self.app.name, os.getpid())
         tasks = [
@@ -113,11 +124,10 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(gateway_protocol.HEARTBEAT)
-            hello = gateway_protocol.pack(self._hello())
-            self.links.broadcast(hello)
+            self.links.heartbeat()
 
-    def _hello(self) -> list[Any]:
-        return [gateway_protocol.HELLO, self.id, {"id": self.id, "pid": os.getpid()}]
+    def _info(self) -> dict[str, Any]:
+        return {"id": self.id, "pid": os.getpid()}
 
     def _beat(self) -> list[Any]:
         return [

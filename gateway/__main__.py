@@ -10,7 +10,7 @@ import ssl
 import uvloop
 import zmq.asyncio
 
-from chatcluster import cli, logs
+from chatcluster import cli, links, logs
 from chatcluster import keys as curve
 from gateway.server import Gateway, GatewayConfig
 from register.client import ENV_REGISTER, register_addresses
@@ -39,11 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-waiting", type=int, default=10_000)
     parser.add_argument("--drain-batch", type=int, default=500, help="clients closed per 50 ms")
     parser.add_argument("--drain-time", type=float, default=5.0, help="seconds a stop may take")
+    parser.add_argument(
+        "--link-timeout",
+        type=float,
+        default=None,
+        help=f"seconds a silent internal link is waited for before its peer is taken for "
+        f"gone (${links.ENV_LINK_TIMEOUT}, default {links.LINK_TIMEOUT:g})",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
     host, _, port = args.listen.rpartition(":")
     config = GatewayConfig(
+        link_timeout=links.link_timeout(args.link_timeout),
         host=host or "0.0.0.0",
         port=int(port),
         internal=args.internal,

@@ -1,5 +1,18 @@
 """The small client that speaks the gateway's protocol: one worker's link to one gateway.
 
+The link runs in *sessions* (``gateway.protocol``): one DEALER socket each,
+whose routing id ``worker_id.N`` names it. Commands are tagged with the run of
+the client event that caused them (``Run``), so that the gateway carries out
+each at most once per place in the run. When the gateway fences the session
+(it declared this worker gone and handed its events to others), or a message
+of the gateway's went missing, the link starts a new session: what it held for
+runs of this gateway's events is dropped, and commands it had sent for runs of
+other gateways' events that the gateway had not confirmed are sent again.
+
+A run that sent commands to gateways other than its event's own is
+acknowledged only once those gateways confirmed them (RECEIPT): until then the
+event's gateway keeps it, so a worker that dies in between loses nothing.
+
 Commands are encoded by the module-level ``encode_*`` functions, so that a
 command meant for every gateway (a broadcast) is packed once and the same
 bytes are sent down every link. Everything queued in one loop turn leaves as the
@@ -24,7 +37,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from chatcluster import auth
+from chatcluster import auth, links
 from chatcluster.keys import Keys
 from gateway import protocol as p
 from gateway.zmqreader import BatchReader
@@ -89,8 +102,74 @@ def encode_update_session(client_id: int, packed_changes: bytes) -> bytes:
 EventHandler = Callable[["GatewayLink", list[Any]], None]
 
 
+class Run:
+    """One run of a client event's callback (or a worker's own turn), as its commands say.
+
+    ``source`` is the event's gateway's id prefix (an int), or the worker's id
+    for commands no event caused; ``seq`` the event's number there. ``link`` is
+    the link the event came on and ``session`` that link's session then: once
+    the link is in another session the run is stale, and nothing of it goes out.
+    """
+
+    __slots__ = ("batches", "counts", "link", "seq", "session", "source")
+
+    def __init__(self, source: int | str, seq: int, link: GatewayLink | None) -> None:
+        self.source = source
+        self.seq = seq
+        self.link = link
+        self.session = 0 if link is None else link.session
+        self.counts: dict[GatewayLink, int] = {}
+        """commands sent per link: the index of the next one there"""
+        self.batches: dict[GatewayLink, Batch] | None = None
+        """per other gateway's link, the last batch carrying commands of ours"""
+
+    @property
+    def stale(self) -> bool:
+        link = self.link
+        return link is not None and link.session != self.session
+
+    def cause(self, link: GatewayLink) -> bytes:
+        return p.pack([p.CAUSE, self.source, self.seq, self.counts.get(link, 0)])
+
+
+class Batch:
+    """The commands of one message kept for sending again, until the gateway confirms them."""
+
+    __slots__ = ("groups", "n", "receipted", "waiters")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.receipted = False
+        self.groups: list[tuple[Run, int, list[bytes]]] = []
+        """(run, index of its first command here, the commands)"""
+        self.waiters: list[Callable[[], None]] = []
+
+    def done(self) -> None:
+        self.receipted = True
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter()
+
+
+def when_receipted(batches: list[Batch], then: Callable[[], None]) -> None:
+    """Call ``then`` once every batch was confirmed (at once if they all are)."""
+    pending = [b for b in batches if not b.receipted]
+    if not pending:
+        then()
+        return
+    left = [len(pending)]
+
+    def one() -> None:
+        left[0] -= 1
+        if not left[0]:
+            then()
+
+    for batch in pending:
+        batch.waiters.append(one)
+
+
 class GatewayLink:
-    """A DEALER socket to one gateway: commands and queries out, client events in."""
+    """A session socket to one gateway: commands and queries out, client events in."""
 
     _req_ids = itertools.count(1)
 
@@ -102,27 +181,25 @@ class GatewayLink:
         worker_id: str,
         on_event: EventHandler,
         keys: Keys | None = None,
+        *,
+        hello: Callable[[GatewayLink], list[Any]] | None = None,
+        on_reset: Callable[[GatewayLink], None] | None = None,
+        guard: Callable[[], bool] | None = None,
+        link_timeout: float = links.LINK_TIMEOUT,
     ) -> None:
         self.gateway_id = gateway_id
         self.address = address
+        self.worker_id = worker_id
         self.on_event = on_event
-        self._asock = ctx.socket(zmq.DEALER)
-        self._asock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
-        self._asock.setsockopt(zmq.LINGER, 2000)
-        self._asock.setsockopt(zmq.SNDHWM, 0)
-        self._asock.setsockopt(zmq.RCVHWM, 0)
-        self._asock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._asock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self._asock.setsockopt(zmq.HEARTBEAT_IVL, p.ZMTP_HEARTBEAT_MS)
-        self._asock.setsockopt(zmq.HEARTBEAT_TIMEOUT, p.ZMTP_TIMEOUT_MS)
-        if keys is not None:
-            keys.client(self._asock)
-        self._watcher = auth.ClientWatch(
-            self._asock, f"gateway {gateway_id} {address}", keys is not None
-        )
-        self._asock.connect(address)
-        self._reader = BatchReader(self._asock, self._drain)
-        self._sock = self._reader.sock
+        self.ctx = ctx
+        self.keys = keys
+        self.link_timeout = link_timeout
+        self._hello = hello or (lambda link: [p.HELLO, worker_id, {"id": worker_id}])
+        self._on_reset = on_reset
+        self._guard = guard
+        """called before each send: True when the worker found its loop frozen (and
+        started new sessions everywhere), so that nothing held goes out"""
+        self.session = 0
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._timeouts: dict[int, asyncio.TimerHandle] = {}
         """cancelled with the answer: a timer left pending keeps its request's
@@ -136,31 +213,133 @@ class GatewayLink:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._acks: list[int] = []
+        self._run: Run | None = None
+        """the run whose CAUSE the message being built last named"""
+        self._batch = Batch()
+        """what of the message being built is kept until confirmed (other gateways'
+        runs and the worker's own)"""
+        self._unreceipted: list[Batch] = []
         self._flush_scheduled = False
         self._bye_ok: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pending_resend: list[Batch] = []
+        self._open()
 
-    def start(self, hello: list[Any]) -> None:
-        self.send_frame(p.pack(hello))
+    def _open(self) -> None:
+        """A new session: a new socket, a new routing id, numbering from 1."""
+        self.session += 1
+        asock = self._asock = self.ctx.socket(zmq.DEALER)
+        asock.setsockopt(zmq.ROUTING_ID, f"{self.worker_id}.{self.session}".encode())
+        asock.setsockopt(zmq.LINGER, 2000)
+        links.unbounded(asock)
+        asock.setsockopt(zmq.RECONNECT_IVL, 100)
+        asock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        links.heartbeats(asock, self.link_timeout)
+        if self.keys is not None:
+            self.keys.client(asock)
+        self._watcher = auth.ClientWatch(
+            asock, f"gateway {self.gateway_id} {self.address}", self.keys is not None
+        )
+        asock.connect(self.address)
+        self._reader = BatchReader(asock, self._drain)
+        self._sock = self._reader.sock
+        self._sent = 0
+        self._received = 0
+
+    def start(self) -> None:
+        self._send([p.pack(self._hello(self))])
         self._task = asyncio.create_task(self._reader.run())
 
-    def close(self) -> None:
-        self.flush()
+    def _shut(self, linger: int) -> None:
         self._watcher.close()
         self._reader.stop()
         if self._task is not None:
             self._task.cancel()
+            self._task = None
+        self._asock.close(linger=linger)
+
+    def close(self) -> None:
+        self.flush()
+        self._shut(1000)
         if self._bye_ok is not None and not self._bye_ok.done():
             self._bye_ok.set_result(None)  # the gateway is gone: nothing more will come
+        self._fail_requests()
+        for batch in [*self._unreceipted, self._batch]:
+            batch.done()  # nobody left to confirm them: do not hold acknowledgements back
+
+    def _fail_requests(self) -> None:
         for req_id in list(self._replies):
             self._settle(req_id, exc=ConnectionError(f"link to gateway {self.gateway_id} closed"))
-        self._asock.close(linger=1000)
+
+    # Sessions
+
+    def reset(self, why: str) -> None:
+        """Start a new session; see the module docstring for what is kept."""
+        log.warning(
+            "new session with gateway=%s why=%s session=%d", self.gateway_id, why, self.session + 1
+        )
+        self.begin_reset()
+        self.finish_reset()
+
+    def begin_reset(self) -> None:
+        """Drop the session: after this, runs of this gateway's events are stale."""
+        self._shut(0)
+        kept = [*self._unreceipted]
+        if self._batch.groups:
+            kept.append(self._batch)
+        self._pending_resend = kept
+        self._unreceipted = []
+        self._batch = Batch()
+        self._out, self._out_bytes, self._acks, self._run = [], 0, [], None
+        self._asked.clear()
+        self._open()  # the new session number: every run of the old one is stale now
+        self._fail_requests()
+        if self._on_reset is not None:
+            self._on_reset(self)
+
+    def finish_reset(self) -> None:
+        """HELLO on the new session, then what other gateways' runs still need sent."""
+        self.start()
+        for batch in self._pending_resend:
+            groups = [g for g in batch.groups if not g[0].stale]
+            if not groups:
+                batch.done()
+                continue
+            frames = []
+            for run, first, commands in groups:
+                frames.append(p.pack([p.CAUSE, run.source, run.seq, first]))
+                frames.extend(commands)
+            batch.groups = groups
+            self._send(frames, batch)
+        self._pending_resend = []
 
     # Out
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded command; it leaves at the end of this loop turn."""
+    def control(self, frame: bytes) -> None:
+        """Queue a frame that is no command of a run (HELLO, BYE)."""
+        self._queue(frame)
+
+    def send_frame(self, frame: bytes, run: Run) -> None:
+        """Queue an encoded command of ``run``; it leaves at the end of this loop turn."""
+        if run.link is not None and run.link.session != run.session:
+            return  # its event was handed to another worker: nothing of it may act
         self._asked.clear()  # a query after it may get another answer
+        counts = run.counts
+        index = counts.get(self, 0)
+        counts[self] = index + 1
+        if run.link is not self:
+            batch = self._batch
+            groups = batch.groups
+            if groups and groups[-1][0] is run:
+                groups[-1][2].append(frame)
+            else:
+                groups.append((run, index, [frame]))
+            if run.batches is None:
+                run.batches = {}
+            run.batches[self] = batch
+        if run is not self._run:
+            self._run = run
+            self._out.append(p.pack([p.CAUSE, run.source, run.seq, index]))
         self._queue(frame)
 
     def _queue(self, frame: bytes) -> None:
@@ -168,8 +347,10 @@ class GatewayLink:
         self._out_bytes += len(frame)
         self._flush_soon()
 
-    def ack(self, seq: int) -> None:
+    def ack(self, seq: int, run: Run) -> None:
         """Acknowledge a handled event, after the commands its handler queued."""
+        if run.stale:
+            return
         self._acks.append(seq)
         if self._out_bytes >= FLUSH_AT:
             self.flush()
@@ -185,20 +366,48 @@ class GatewayLink:
         """Send what was queued, as one message (an event's commands and its
         acknowledgement arrive together or not at all)."""
         self._flush_scheduled = False
+        if self._guard is not None and self._guard():
+            return  # frozen: every session was started anew, nothing held may go
         self._asked.clear()
         out, self._out = self._out, []
         self._out_bytes = 0
+        self._run = None
         if self._acks:
             out.append(p.pack([p.ACK, self._acks]))
             self._acks = []
-        if out and not self._sock.closed:
-            self._sock.send_multipart(out, zmq.NOBLOCK)
-            self._reader.sent()
+        if not out:
+            return
+        batch = self._batch
+        if batch.groups:
+            self._batch = Batch()
+            self._send(out, batch)
+        else:
+            self._send(out)
 
-    def join(self, client_id: int, group: str, hold: bool) -> asyncio.Future[Any]:
+    def _send(self, frames: list[bytes], batch: Batch | None = None) -> None:
+        if self._sock.closed:
+            return
+        self._sent += 1
+        if batch is not None:
+            batch.n = self._sent
+            self._unreceipted.append(batch)
+        self._sock.send_multipart([p.header(self._sent, batch is not None), *frames], zmq.NOBLOCK)
+        self._reader.sent()
+
+    def _receipt(self, n: int) -> None:
+        unreceipted = self._unreceipted
+        done = 0
+        while done < len(unreceipted) and unreceipted[done].n <= n:
+            done += 1
+        if done:
+            confirmed, self._unreceipted = unreceipted[:done], unreceipted[done:]
+            for batch in confirmed:
+                batch.done()
+
+    def join(self, client_id: int, group: str, hold: bool, run: Run) -> asyncio.Future[Any]:
         req_id = next(self._req_ids)
         future = self._expect(req_id)
-        self.send_frame(p.pack([p.JOIN, client_id, group, hold, req_id]))
+        self.send_frame(p.pack([p.JOIN, client_id, group, hold, req_id]), run)
         return future
 
     def query(self, kind: str, *args: Any) -> asyncio.Future[Any]:
@@ -222,7 +431,8 @@ class GatewayLink:
     def bye(self) -> asyncio.Future[None]:
         """Ask the gateway to route nothing new here; resolves when it agreed."""
         self._bye_ok = asyncio.get_running_loop().create_future()
-        self.send_frame(p.pack([p.BYE]))
+        self._asked.clear()
+        self.control(p.pack([p.BYE]))
         return self._bye_ok
 
     def _expect(self, req_id: int) -> asyncio.Future[Any]:
@@ -256,13 +466,26 @@ class GatewayLink:
 
     def _drain(self) -> bool:
         sock = self._sock
+        session = self.session
         for _ in range(BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return False
-            for frame in frames:
+            try:
+                head = p.unpack(frames[0])
+                n = head[1] if head[0] == p.MSG else -1
+            except (ValueError, IndexError, TypeError):
+                n = -1
+            if n != 0:
+                if n != self._received + 1:
+                    self.reset(f"message {self._received + 1} of the gateway went missing")
+                    return False
+                self._received = n
+            for frame in frames[1:]:
                 self._handle(frame)
+                if self.session != session:  # fenced: the rest is of the old session
+                    return False
         return True
 
     def _handle(self, frame: bytes) -> None:
@@ -274,6 +497,10 @@ class GatewayLink:
         op = message[0]
         if op == p.REPLY:
             self._settle(message[1], message[2])
+        elif op == p.RECEIPT:
+            self._receipt(message[1])
+        elif op == p.FENCED:
+            self.reset("the gateway declared this session gone")
         elif op == p.BYE_OK:
             if self._bye_ok is not None and not self._bye_ok.done():
                 self._bye_ok.set_result(None)

@@ -7,19 +7,24 @@ recipient socket; nothing here is done per recipient that can be done once.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from chatcluster.logs import Throttle, held_back
 from gateway import protocol as p
 from gateway.connection import text_frame
+from gateway.dedup import Seen
 
 if TYPE_CHECKING:
     from gateway.clients import ClientTable
     from gateway.connection import ClientConnection
-    from gateway.workers import WorkerPool
+    from gateway.workers import WorkerLink, WorkerPool
 
 log = logging.getLogger("gateway.commands")
+
+_STALE = object()
+"""counting mark of a run whose event this session no longer holds: nothing of it acts"""
 
 
 def _frame(data: str | bytes) -> bytes:
@@ -29,9 +34,21 @@ def _frame(data: str | bytes) -> bytes:
 class Commands:
     """Executes worker messages against the client table."""
 
-    def __init__(self, clients: ClientTable, pool: WorkerPool) -> None:
+    def __init__(
+        self,
+        clients: ClientTable,
+        pool: WorkerPool,
+        prefixes: Callable[[], list[int]] = list,
+        on_declared_gone: Callable[[], None] = lambda: None,
+        gateway_id: Callable[[], str] = str,
+    ) -> None:
         self.clients = clients
         self.pool = pool
+        self.prefixes = prefixes
+        """this gateway's client id prefixes: events whose runs are counted in pool.effects"""
+        self.on_declared_gone = on_declared_gone
+        self.gateway_id = gateway_id
+        self.seen = Seen()
         self._refusals = Throttle()
         self._handlers: dict[int, Callable[[bytes, list[Any]], None]] = {
             p.HELLO: self._hello,
@@ -66,27 +83,92 @@ class Commands:
         }
 
     def handle(self, parts: list[bytes]) -> None:
-        """One ZeroMQ message: the worker's routing id, then one or more commands.
+        """One ZeroMQ message: the session's routing id, [MSG, n], then commands.
 
         Only members act: a peer that has not joined with HELLO (it holds the
-        cluster key, or the links are --insecure) has nothing it sends carried out.
+        cluster key, or the links are --insecure) has nothing it sends carried
+        out, and neither has a fenced session, nor one whose message went missing
+        (a gap in n: it is fenced now). Commands are counted per event run
+        (``gateway.dedup``): a command an earlier run of its event already
+        carried out here is skipped.
         """
-        worker_id = parts[0]
-        joined = worker_id in self.pool.workers
-        if joined:
-            self.pool.seen(worker_id)
+        route = parts[0]
+        pool = self.pool
+        worker = pool.workers.get(route)
+        try:
+            head = p.unpack(parts[1])
+            n = head[1] if head[0] == p.MSG else -1
+        except (ValueError, IndexError, TypeError):
+            n = -1
+        if worker is None:
+            if route in pool.fenced or (n > 1 and head[0] == p.MSG):
+                pool.refuse(route)  # a gone session, or one from before our restart
+                return
+        elif n != worker.received + 1:
+            log.warning(
+                "a message of a worker went missing, fencing it worker=%s expected=%d got=%d",
+                worker.info.get("id"),
+                worker.received + 1,
+                n,
+            )
+            pool.lost(route, "gap")
+            pool.refuse(route)
+            return
+        else:
+            worker.received = n
+            worker.last_seen = time.monotonic()
         handlers = self._handlers
-        for frame in parts[1:]:
+        effects = pool.effects
+        counting: Any = None  # the run whose commands follow: None, an int seq, or a key
+        index = done = 0
+        for frame in parts[2:]:
             try:
                 message = p.unpack(frame)
-                if not joined:
-                    if message[0] != p.HELLO:
-                        self._not_joined(worker_id, message[0])
+                op = message[0]
+                if worker is None:
+                    if op != p.HELLO or n != 1:
+                        self._not_joined(route, op)
                         continue
-                    joined = True
-                handlers[message[0]](worker_id, message)
+                    self._hello(route, message)
+                    worker = pool.workers.get(route)
+                    continue
+                if op == p.CAUSE:
+                    if counting.__class__ is int:
+                        effects[counting] = done
+                    counting, index, done = self._cause(worker, message)
+                    continue
+                if counting is not None and op in p.EFFECTS:
+                    if counting.__class__ is int:
+                        skip = index < done
+                        if not skip:
+                            done = index + 1
+                    else:
+                        skip = counting is _STALE or not self.seen.admit(
+                            counting[0], counting[1], index
+                        )
+                    index += 1
+                    if skip:
+                        if op == p.JOIN and message[4] is not None:
+                            self._reply(route, message[4], True)  # it was joined before
+                        continue
+                handlers[op](route, message)
             except Exception as exc:  # one bad command must not stop the gateway
-                log.warning("bad command from worker=%r error=%r", worker_id, exc)
+                log.warning("bad command from worker=%r error=%r", route, exc)
+        if counting.__class__ is int:
+            effects[counting] = done
+        if len(head) > 2 and head[2] and worker is not None:
+            pool.post(route, p.pack([p.RECEIPT, n]))
+
+    def _cause(self, worker: WorkerLink, m: list[Any]) -> tuple[Any, int, int]:
+        """What a [CAUSE, source, seq, index] starts: (what to count by, index, done)."""
+        if len(m) < 4:
+            return None, 0, 0
+        source, seq, index = m[1], m[2], m[3]
+        if source.__class__ is int and source in self.prefixes():
+            if seq not in worker.unacked:  # not this session's event (any more)
+                return _STALE, index, 0
+            return seq, index, self.pool.effects.get(seq, 0)
+        return (source, seq), index, 0
 
     def _not_joined(self, worker_id: bytes, opcode: Any) -> None:
         shown = self._refusals.hit(worker_id)
@@ -104,7 +186,17 @@ class Commands:
     # Worker liveness
 
     def _hello(self, worker_id: bytes, m: list[Any]) -> None:
-        self.pool.hello(worker_id, m[2] if len(m) > 2 else {})
+        info = m[2] if len(m) > 2 else {}
+        if info.get("gone"):
+            # A worker that ran on_close for our clients, which is how we learn it after
+            # the register forgot it too (it restarted while we were paused).
+            log.warning("a worker says this gateway was declared gone worker=%s", info.get("id"))
+            self.on_declared_gone()
+            return
+        expected = info.get("gateway")
+        if expected and expected != self.gateway_id():
+            return  # a link meant for the gateway that had our address before us
+        self.pool.hello(worker_id, info)
 
     def _bye(self, worker_id: bytes, m: list[Any]) -> None:
         self.pool.bye(worker_id)

@@ -1,14 +1,31 @@
 """The gateway's internal wire protocol, spoken with business workers.
 
 One ZeroMQ ROUTER socket per gateway; each worker links with one DEALER whose
-routing id is the worker id. Every frame is msgpack of a list whose first item
-is an opcode; one ZeroMQ message carries one or more frames as its parts (all
-that one side queued for the other in one loop turn), handled in order. One
-link carries frames in order both ways, which is what gives per-worker command
-ordering.
+routing id names a *session*: ``worker_id.N``. Every frame is msgpack of a list
+whose first item is an opcode; one ZeroMQ message carries one or more frames as
+its parts (all that one side queued for the other in one loop turn), handled in
+order. One link carries frames in order both ways, which is what gives
+per-worker command ordering.
+
+Every message starts with [MSG, n, receipt]: n counts the session's messages
+from 1 (0: an unnumbered probe or refusal), so that a lost message is a gap
+that ends the session; ``receipt`` (worker -> gateway) asks for a RECEIPT.
+
+Sessions and fencing (see README, "Fencing"): a gateway that declares a worker
+gone hands its unacknowledged events to others and refuses the session for
+good (FENCED); the worker starts a new session and drops what it held for that
+gateway. Commands say which client event caused them ([CAUSE, ...] before
+them), so that a gateway carries out each command of an event at most once,
+whichever worker ran the event and however often.
 
 Worker -> gateway
-    [HELLO, worker_id, info]            first message and every heartbeat
+    [MSG, n, receipt]                   first part of every message
+    [HELLO, worker_id, info]            first message of a session and every heartbeat
+    [CAUSE, source, seq, index]         the commands after it, up to the next CAUSE,
+                                        are the index-th, index+1-th... of the run of
+                                        event seq of gateway prefix ``source`` (an int),
+                                        or of the worker's own run seq (``source`` its
+                                        id, a str); [CAUSE] alone: no dedup
     [BYE]                               worker is stopping: route no new events to it
     [ACK, [seq, ...]]                   these events were handled
     [SEND, [client_id, ...], data]      data: str -> text frame, bytes -> binary frame
@@ -26,6 +43,9 @@ Worker -> gateway
     [QUERY, req_id, kind, args]                 answered with REPLY
 
 Gateway -> worker
+    [MSG, n]                            first part of every message
+    [RECEIPT, n]                        the session's messages up to n were handled
+    [FENCED]                            this session was declared gone: start another
     [EVENT_CONNECT, seq, client_id, version, session, request]
     [EVENT_MESSAGE, seq, client_id, version, session, data]
     [EVENT_CLOSE, seq, client_id, version, session]
@@ -66,6 +86,8 @@ UNBIND_UID = 24
 SET_SESSION = 25
 UPDATE_SESSION = 26
 QUERY = 30
+MSG = 40
+CAUSE = 41
 
 EVENT_CONNECT = 100
 EVENT_MESSAGE = 101
@@ -74,6 +96,15 @@ EVENT_ADOPT = 103
 REPLY = 110
 BYE_OK = 111
 PING = 112
+RECEIPT = 113
+FENCED = 114
+
+EFFECTS = frozenset(
+    {SEND, SEND_ALL, SEND_GROUP, SEND_UID, CLOSE, JOIN, LEAVE, UNGROUP}
+    | {BIND_UID, UNBIND_UID, SET_SESSION, UPDATE_SESSION}
+)
+"""Commands that change something: each is carried out at most once per place in
+its event's run (queries and acknowledgements are not counted)."""
 
 # Query kinds: [QUERY, req_id, kind, args]
 Q_IS_ONLINE = "is_online"  # [client_id] -> bool
@@ -94,13 +125,10 @@ HEARTBEAT = 1.0
 WORKER_EXPIRY = 30.0
 """A worker that sent nothing for this long is taken for hung and its clients move on.
 
-Dead workers are found much sooner: ZeroMQ reports a dropped link at once, and
-its own heartbeats (below), answered by libzmq's I/O thread, find a vanished
-peer within ZMTP_TIMEOUT. Those never mistake a busy Python loop for death,
-which a short application-level timeout would (and then replay events twice)."""
-
-ZMTP_HEARTBEAT_MS = 1000
-ZMTP_TIMEOUT_MS = 3000
+Dead, paused and cut-off workers are found much sooner: ZeroMQ reports a
+dropped link at once, and its own heartbeats, answered by libzmq's I/O thread,
+take a silent link down within the link timeout (``chatcluster.links``). Those
+never mistake a busy Python loop for death."""
 
 EMPTY_SESSION = b"\x80"
 """msgpack of {}"""
@@ -108,6 +136,14 @@ EMPTY_SESSION = b"\x80"
 
 def pack(message: list[Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
+
+
+def header(n: int, receipt: bool = False) -> bytes:
+    """The first part of a message: [MSG, n] (or [MSG, n, True] to ask for a receipt)."""
+    return pack([MSG, n, True] if receipt else [MSG, n])
+
+
+UNNUMBERED = pack([MSG, 0])
 
 
 def unpack(frame: bytes) -> list[Any]:

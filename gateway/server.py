@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from chatcluster import auth
+from chatcluster import auth, links
 from chatcluster.keys import Keys, check_exposure
 from gateway import protocol
 from gateway.clients import ClientTable
@@ -58,6 +58,8 @@ class GatewayConfig:
     """The drain never takes longer than this: batches grow to fit."""
     keys: Keys | None = None
     """The cluster key for the internal links; None for plain links (--insecure)."""
+    link_timeout: float = links.LINK_TIMEOUT
+    """Seconds a silent link is waited for (``chatcluster.links``)."""
     ssl: ssl_module.SSLContext | None = None
     """TLS for the client side (wss://), or None."""
 
@@ -94,7 +96,8 @@ class Gateway:
         self.pool.event(conn, protocol.EVENT_CONNECT, info)
 
     def received(self, conn: ClientConnection, message: str | bytes) -> None:
-        self.pool.event(conn, protocol.EVENT_MESSAGE, message)
+        if conn.client_id:  # 0: closed when this gateway was declared gone
+            self.pool.event(conn, protocol.EVENT_MESSAGE, message)
 
     def closed(self, conn: ClientConnection) -> None:
         self.clients.remove(conn)
@@ -118,10 +121,10 @@ class Gateway:
         asock = self.ctx.socket(zmq.ROUTER)
         asock.setsockopt(zmq.LINGER, 1000)
         asock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        asock.setsockopt(zmq.SNDHWM, 0)
-        asock.setsockopt(zmq.RCVHWM, 0)
-        asock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
-        asock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
+        # A session that reconnects replaces its half-dead old connection at once.
+        asock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        links.unbounded(asock)
+        links.heartbeats(asock, self.config.link_timeout)
         authenticator = auth.start(self.ctx, self.config.keys)
         if self.config.keys is not None:
             self.config.keys.server(asock)
@@ -139,13 +142,20 @@ class Gateway:
             flood_limit=self.config.flood_limit,
             on_sent=reader.sent,
         )
-        self.commands = Commands(self.clients, self.pool)
+        self.commands = Commands(
+            self.clients,
+            self.pool,
+            prefixes=lambda: self.ids.prefixes,
+            on_declared_gone=self._declared_gone,
+            gateway_id=lambda: self.id,
+        )
         self.register = RegisterClient(
             self.config.registers,
             self._beat,
             self._from_register,
             ctx=self.ctx,
             keys=self.config.keys,
+            link_timeout=self.config.link_timeout,
         )
         tasks = [
             self._background(self.register.run()),
@@ -296,8 +306,37 @@ class Gateway:
             },
         ]
 
+    def _declared_gone(self) -> None:
+        """The cluster gave up on this gateway (it was paused or cut off): start afresh.
+
+        Its workers have run on_close for every client here, so those clients are
+        closed with 1012 (the page reconnects and logs in again) without a close
+        event of their own; what waited for a worker goes with them, and the
+        gateway joins again under a new id and a new id prefix.
+        """
+        conns = list(self.clients)
+        log.warning(
+            "this gateway was declared gone (paused or cut off): closing its clients "
+            "with 1012 so that they reconnect, joining again as a new gateway id=%s clients=%d",
+            self.id,
+            len(conns),
+        )
+        self.pool.reset()
+        for conn in conns:
+            self.clients.remove(conn)
+            conn.client_id = 0  # no close event: on_close ran already
+            conn.close(1012, "gateway restarting, reconnect")
+        self.id = os.urandom(6).hex()
+        self.started = time.time()
+        self.ids = IdAllocator(fresh_prefix(self.ids.prefix))
+        self.register.beat_now()
+
     def _from_register(self, index: int, message: list[Any]) -> None:
         kind = message[0]
+        if kind == register_protocol.GONE:
+            if message[1] == self.id:
+                self._declared_gone()
+            return
         if kind == register_protocol.ACCEPTED:
             if self.ids.prefix in message[1] and not self._accepted.is_set():
                 log.info("register accepted id prefix=%d", self.ids.prefix)

@@ -17,6 +17,12 @@ Rules, in the order they are applied to each client event:
 5. Every client has a live worker that knows it: when a worker dies, its idle
    clients are bound to others at once and announced to them (ADOPT), so that
    if this gateway dies too, some worker runs their on_close.
+6. Fencing: a worker is known by its session (the routing id ``worker_id.N``
+   of one of its sockets). Once a session is declared gone (its link dropped,
+   a message of it went missing, or it fell silent) it is refused for good:
+   whatever it still sends (a paused process wakes up with its old commands
+   queued) is dropped and answered with FENCED, so the events handed to
+   others cannot take effect twice. The worker starts a new session.
 
 Everything for one worker leaves in one ZeroMQ message per loop turn (see
 ``post``): every message wakes libzmq's I/O thread on both ends, which measured
@@ -43,14 +49,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.workers")
 
+_PING = protocol.pack([protocol.PING])
+_FENCED = protocol.pack([protocol.FENCED])
+
 Item = tuple[int, int, Any]
 """(seq, opcode, payload) of a client event; packed with the current session when sent."""
 
 
-class WorkerLink:
-    """What the gateway knows of one linked worker."""
+FENCED_KEPT = 100_000
+"""Fenced sessions remembered (a session is refused as long as it is remembered;
+the oldest are forgotten first, long after their worker learned of it)."""
+REFUSAL_EVERY = 1.0
+"""Seconds between two FENCED answers to one session."""
 
-    __slots__ = ("draining", "id", "info", "last_seen", "unacked")
+
+class WorkerLink:
+    """What the gateway knows of one linked worker session."""
+
+    __slots__ = ("draining", "id", "info", "last_seen", "received", "sent", "unacked")
 
     def __init__(self, worker_id: bytes, info: dict[str, Any]) -> None:
         self.id = worker_id
@@ -58,6 +74,10 @@ class WorkerLink:
         self.last_seen = time.monotonic()
         self.draining = False
         self.unacked: dict[int, tuple[ClientConnection, Item]] = {}
+        self.received = 0
+        """number of the session's last message handled"""
+        self.sent = 0
+        """number of our last message to it"""
 
 
 class WorkerPool:
@@ -90,6 +110,11 @@ class WorkerPool:
         self.parked: dict[int, tuple[ClientConnection, list[Item]]] = {}
         self.refused = 0
         """events refused because the waiting queue was full"""
+        self.effects: dict[int, int] = {}
+        """seq -> commands of that event's run carried out, while it is unacknowledged
+        (it travels with a replay: see ``gateway.dedup``)"""
+        self.fenced: dict[bytes, float] = {}
+        """sessions declared gone -> when we last told them so"""
 
     @property
     def live(self) -> int:
@@ -167,9 +192,14 @@ class WorkerPool:
         """
         out, self._out = self._out, {}
         sock = self.sock
+        workers = self.workers
         for worker_id, frames in out.items():
+            worker = workers.get(worker_id)
+            if worker is None:
+                continue
+            worker.sent += 1
             try:
-                sock.send_multipart([worker_id, *frames], zmq.NOBLOCK)
+                sock.send_multipart([worker_id, protocol.header(worker.sent), *frames], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                     raise
@@ -200,10 +230,13 @@ class WorkerPool:
 
     # Messages from workers
 
-    def hello(self, worker_id: bytes, info: dict[str, Any]) -> None:
+    def hello(self, worker_id: bytes, info: dict[str, Any], received: int = 1) -> None:
         worker = self.workers.get(worker_id)
         if worker is None:
+            if worker_id in self.fenced:
+                return
             worker = WorkerLink(worker_id, info)
+            worker.received = received
             self.workers[worker_id] = worker
             self._ring.append(worker_id)
             log.info("worker linked worker=%s", info.get("id", worker_id))
@@ -232,6 +265,7 @@ class WorkerPool:
             entry = unacked.pop(seq, None)
             if entry is None:
                 continue
+            self.effects.pop(seq, None)
             conn = entry[0]
             conn.pending -= 1
             if conn.pending == resume_at:
@@ -247,10 +281,13 @@ class WorkerPool:
     # Liveness
 
     def lost(self, worker_id: bytes, why: str) -> None:
-        """Forget a dead worker; hand its unacked events and parked clients to others."""
+        """Fence a gone worker session; hand its unacked events and parked clients to others."""
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
+        self.fenced[worker_id] = 0.0
+        if len(self.fenced) > FENCED_KEPT:
+            del self.fenced[next(iter(self.fenced))]
         self._out.pop(worker_id, None)  # its events are replayed below, not sent to it
         if worker_id in self._ring:
             self._ring.remove(worker_id)
@@ -293,13 +330,37 @@ class WorkerPool:
                 chunk = entries[start : start + 1000]
                 self.post(worker_id, protocol.pack([protocol.EVENT_ADOPT, chunk]))
 
+    def refuse(self, worker_id: bytes) -> None:
+        """Tell a fenced (or unknown) session it is gone, at most once a REFUSAL_EVERY."""
+        now = time.monotonic()
+        if now - self.fenced.get(worker_id, 0.0) < REFUSAL_EVERY:
+            return
+        self.fenced[worker_id] = now
+        if len(self.fenced) > FENCED_KEPT:
+            del self.fenced[next(iter(self.fenced))]
+        try:
+            self.sock.send_multipart([worker_id, protocol.UNNUMBERED, _FENCED], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        self.on_sent()
+
+    def reset(self) -> None:
+        """Forget every worker and event: this gateway was declared gone (see Gateway)."""
+        for worker_id in list(self.workers):
+            self.fenced[worker_id] = 0.0
+        self.workers.clear()
+        self._ring.clear()
+        self._out.clear()
+        self.waiting.clear()
+        self.parked.clear()
+        self.effects.clear()
+
     def probe(self) -> None:
         """Find links ZeroMQ has dropped: sending to them fails at once."""
         self.sock.get(zmq.EVENTS)  # let the socket take in pending link changes first
-        frame = protocol.pack([protocol.PING])
         for worker_id in list(self.workers):
             try:
-                self.sock.send_multipart([worker_id, frame], zmq.NOBLOCK)
+                self.sock.send_multipart([worker_id, protocol.UNNUMBERED, _PING], zmq.NOBLOCK)
             except zmq.ZMQError:
                 self.lost(worker_id, "disconnected")
         self.on_sent()

@@ -10,7 +10,7 @@ import time
 import uvloop
 import zmq.asyncio
 
-from chatcluster import cli, logs
+from chatcluster import cli, links, logs
 from chatcluster import keys as curve
 from register import protocol
 from register.client import fetch_status, register_addresses
@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         help="plain links, no key: any local account can join (a WARNING at start)",
     )
     parser.add_argument("--out", default="keys", help="folder for new keys (keys)")
+    parser.add_argument(
+        "--link-timeout",
+        type=float,
+        default=None,
+        help=f"seconds a silent internal link is waited for before its peer is taken for "
+        f"gone (${links.ENV_LINK_TIMEOUT}, default {links.LINK_TIMEOUT:g})",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
@@ -44,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         address = register_addresses(args.register)[0]
         return uvloop.run(_status(address, args.json, keys))
     keys = curve.for_process(args.curve_key, insecure=args.insecure)
-    code = uvloop.run(_run(args.bind, keys))
+    code = uvloop.run(_run(args.bind, keys, links.link_timeout(args.link_timeout)))
     # Flush what ZeroMQ still has queued (last replies, goodbyes) before exiting.
     zmq.asyncio.Context.instance().destroy(linger=2000)
     return code
 
 
-async def _run(bind: str, keys: curve.Keys | None) -> int:
-    register = Register(bind, keys=keys)
+async def _run(bind: str, keys: curve.Keys | None, link_timeout: float) -> int:
+    register = Register(bind, keys=keys, link_timeout=link_timeout)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, register.stop)

@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from chatcluster import auth
+from chatcluster import auth, links
 from chatcluster.cli import OperatorError
 from chatcluster.keys import Keys
 from register import protocol
@@ -55,7 +55,9 @@ class RegisterClient:
         ctx: zmq.asyncio.Context | None = None,
         interval: float = protocol.HEARTBEAT,
         keys: Keys | None = None,
+        link_timeout: float = links.LINK_TIMEOUT,
     ) -> None:
+        self.link_timeout = link_timeout
         self.keys = keys
         if not addresses:
             raise ValueError("at least one register address is needed")
@@ -84,8 +86,7 @@ class RegisterClient:
             sock.setsockopt(zmq.SNDHWM, 10)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            sock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
+            links.heartbeats(sock, self.link_timeout)
             if self.keys is not None:
                 self.keys.client(sock)
             self._watchers.append(

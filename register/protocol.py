@@ -12,6 +12,10 @@ noticing that it was gone.
 
     register -> gateway   [ACCEPTED, prefixes]      prefixes it may use
                           [CONFLICT, prefix]        prefix owned by an older gateway
+                          [GONE, id]                this id was declared gone (its link
+                                                    dropped and it did not come back in
+                                                    time): its clients were closed on the
+                                                    workers, so it must start afresh
     register -> worker    [GATEWAYS, register_id, settled, [entry, ...]]
                           [PONG, register_id]       heartbeat answer, nothing changed
     register -> status    [STATUS, {"gateways": [...], "workers": [...], ...}]
@@ -36,6 +40,7 @@ ACCEPTED = "accepted"
 CONFLICT = "conflict"
 GATEWAYS = "gateways"
 PONG = "pong"
+GONE = "gone"
 
 HEARTBEAT = 1.0
 """Seconds between two heartbeats of a gateway or worker."""
@@ -44,16 +49,13 @@ EXPIRY = 30.0
 """Seconds of silence after which the register drops a gateway or worker: a backstop.
 
 A dead member is found sooner: its link drops (ZeroMQ reports it at once, and
-ZMTP heartbeats in libzmq's I/O thread catch a vanished host within
-ZMTP_TIMEOUT_MS), and unless it beats again within LINK_GRACE it is dropped.
-A member that is merely busy keeps its link and is never taken for dead: a
-gateway wrongly dropped would have every one of its clients logged out."""
+ZMTP heartbeats in libzmq's I/O thread take a silent link down within the link
+timeout, ``chatcluster.links``), and unless it beats again within LINK_GRACE it
+is dropped. A member that is merely busy keeps its link and is never taken for
+dead. One that was paused or cut off is told GONE when it comes back."""
 
 LINK_GRACE = 2.0
 """Seconds a member whose link dropped has to come back before it is dropped."""
-
-ZMTP_HEARTBEAT_MS = 1000
-ZMTP_TIMEOUT_MS = 3000
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:1236"
 

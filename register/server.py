@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from chatcluster import auth
+from chatcluster import auth, links
 from chatcluster.keys import Keys, check_exposure
 from chatcluster.logs import Throttle, held_back
 from register import protocol
@@ -37,8 +37,10 @@ class Register:
         *,
         keys: Keys | None = None,
         ctx: zmq.asyncio.Context | None = None,
+        link_timeout: float = links.LINK_TIMEOUT,
     ) -> None:
         check_exposure(bind, keys)
+        self.link_timeout = link_timeout
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.bind = bind
         self.keys = keys
@@ -61,8 +63,7 @@ class Register:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_TIMEOUT_MS)
+        links.heartbeats(sock, self.link_timeout)
         authenticator = auth.start(self.ctx, self.keys)
         if self.keys is not None:
             self.keys.server(sock)
@@ -113,7 +114,7 @@ class Register:
         while True:
             await asyncio.sleep(0.25)
             for gid in self.table.expire(time.monotonic()):
-                log.warning("gateway expired id=%s", gid)
+                log.warning("gateway gone id=%s (its link dropped and it did not come back)", gid)
             live = {m.entry["id"] for m in self.table.workers.values()}
             for wid in [w for w in self.worker_routes if w not in live]:
                 del self.worker_routes[wid]
@@ -143,6 +144,9 @@ class Register:
         kind = message[0]
         if kind == protocol.GATEWAY:
             entry = message[1]
+            if entry["id"] in self.table.gone:
+                self._send(route, [protocol.GONE, entry["id"]])
+                return
             if self.table.takeover(entry):
                 shown = self._refusals.hit(("takeover", entry["id"], entry["address"]))
                 if shown is not None:

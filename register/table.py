@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+GONE_KEPT = 24 * 3600.0
+"""Seconds a dropped gateway's id is remembered (to tell it GONE should it come back)."""
+
 
 @dataclass(slots=True)
 class Member:
@@ -35,6 +38,8 @@ class Table:
     """prefix -> id of the gateway that owns it"""
     version: int = 0
     """Bumped whenever the set of gateways or their addresses/prefixes change."""
+    gone: dict[str, float] = field(default_factory=dict)
+    """ids of gateways dropped without a goodbye -> when (told GONE if they beat again)"""
 
     def takeover(self, entry: dict[str, Any]) -> bool:
         """True when ``entry`` claims a listed gateway's id with another address.
@@ -87,6 +92,9 @@ class Table:
         dead = [g for g, m in self.gateways.items() if self._gone(m, now)]
         for gid in dead:
             self._drop_gateway(gid)
+            self.gone[gid] = now
+        for gid in [g for g, t in self.gone.items() if now - t > GONE_KEPT]:
+            del self.gone[gid]
         for wid in [w for w, m in self.workers.items() if self._gone(m, now)]:
             del self.workers[wid]
         return dead

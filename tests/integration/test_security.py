@@ -65,6 +65,7 @@ class Attacker:
             self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.sock.connect(address)
+        self.sent = 0
 
     def refused(self, timeout: float = 15) -> None:
         """Until the peer refused our handshake: then nothing we sent was read, and
@@ -73,7 +74,9 @@ class Attacker:
         assert self.sock.poll(0) == 0
 
     def send(self, *messages: list[Any]) -> None:
-        self.sock.send_multipart([gp.pack(m) for m in messages])
+        """One message as a worker session sends it: numbered, then the frames."""
+        self.sent += 1
+        self.sock.send_multipart([gp.header(self.sent), *(gp.pack(m) for m in messages)])
 
     def send_register(self, message: list[Any]) -> None:
         self.sock.send(rp.pack(message))
@@ -133,7 +136,9 @@ async def test_a_forged_say_reaches_nobody(secured: Cluster, opened: Cluster) ->
     attacker = Attacker(internal(opened), routing_id=b"intruder-1")
     attacker.send([gp.SEND_ALL, forged(a.uid, "before joining"), []])  # ignored
     wait_for_log(opened, "ignored a command from a peer that has not joined")
-    attacker.send([gp.HELLO, "intruder-1", {}], [gp.SEND_ALL, forged(a.uid), []])
+    attacker.close()
+    attacker = Attacker(internal(opened), routing_id=b"intruder-1b")  # a session that joins
+    attacker.send([gp.HELLO, "intruder-1b", {}], [gp.SEND_ALL, forged(a.uid), []])
     said = await b.expect("say")
     assert said["content"] == "forged" and said["from_uid"] == a.uid  # the attack works here
     attacker.close()
@@ -150,7 +155,7 @@ async def test_sessions_cannot_be_read(secured: Cluster, opened: Cluster) -> Non
     attacker = Attacker(internal(opened), routing_id=b"intruder-2")
     attacker.send([gp.HELLO, "intruder-2", {}], [gp.QUERY, 1, gp.Q_ALL_SESSIONS, []])
     while (reply := attacker.recv()) is not None:
-        message = gp.unpack(reply[0])
+        message = gp.unpack(reply[-1])
         if message[0] == gp.REPLY:
             break
     assert reply is not None
@@ -190,7 +195,7 @@ async def test_a_peer_cannot_join_as_a_worker(secured: Cluster, opened: Cluster)
     for _ in range(6):  # events go round robin: one of these reaches the intruder
         await ChatClient.open(opened.ws_url(0))
         while (parts := attacker.recv(timeout=0.5 if events else 10)) is not None:
-            events += [gp.unpack(f)[0] for f in parts]
+            events += [gp.unpack(f)[0] for f in parts[1:]]
         if gp.EVENT_CONNECT in events:
             break
     assert gp.EVENT_CONNECT in events
@@ -244,7 +249,7 @@ def test_the_register_answers_and_admits_only_members(
     assert answer is not None and rp.unpack(answer[0])[0] == rp.STATUS  # open to anyone
     attacker.send_register(fake_gateway("f" * 12, f"tcp://127.0.0.1:{trap}", [7]))
     assert listener.poll(15_000), "no worker linked to the fake gateway"
-    assert gp.unpack(listener.recv_multipart()[1])[0] == gp.HELLO  # a worker linked to it
+    assert gp.unpack(listener.recv_multipart()[2])[0] == gp.HELLO  # a worker linked to it
     attacker.close()
     listener.close(linger=0)
 

@@ -14,15 +14,16 @@ from gateway import protocol as p
 
 class FakeLink:
     gateway_id = "g1"
+    session = 1
 
     def __init__(self) -> None:
         self.acks: list[int] = []
         self.frames: list[list[Any]] = []
 
-    def ack(self, seq: int) -> None:
+    def ack(self, seq: int, run: Any) -> None:
         self.acks.append(seq)
 
-    def send_frame(self, frame: bytes) -> None:
+    def send_frame(self, frame: bytes, run: Any) -> None:
         self.frames.append(p.unpack(frame))
 
 

@@ -27,25 +27,38 @@ class FakeGateway:
         self.port = self.asock.bind_to_random_port("tcp://127.0.0.1")
         self.sock = zmq.Socket.shadow(self.asock.underlying)
         self.route = b""
+        self.head: list[Any] = []
+        """the [MSG, n, ...] header of the last message"""
+        self.sent = 0
 
-    def message(self, timeout_ms: int = 2000) -> list[list[Any]]:
-        """The next multipart message, each part decoded (raises if none comes).
+    def message(self, timeout_ms: int = 2000, causes: bool = False) -> list[list[Any]]:
+        """The next multipart message's parts after its header, decoded (raises if none
+        comes); CAUSE parts only if ``causes``.
 
         Blocks the loop: for what must have been sent already, without its help.
         """
         if not self.sock.poll(timeout_ms):
             raise AssertionError(f"nothing arrived in {timeout_ms} ms")
-        self.route, *parts = self.sock.recv_multipart()
-        return [p.unpack(part) for part in parts]
+        self.route, head, *parts = self.sock.recv_multipart()
+        self.head = p.unpack(head)
+        assert self.head[0] == p.MSG
+        decoded = [p.unpack(part) for part in parts]
+        return [m for m in decoded if causes or m[0] != p.CAUSE]
 
-    async def next_message(self) -> list[list[Any]]:
+    async def next_message(self, causes: bool = False) -> list[list[Any]]:
         """The next message, letting the loop run (and the link's flush timers fire)."""
         if not await self.asock.poll(2000):
             raise AssertionError("nothing arrived in 2000 ms")
-        return self.message(0)
+        return self.message(0, causes)
+
+    def send(self, *messages: list[Any], n: int | None = None) -> None:
+        """One numbered message to the link's session (``n``: another number)."""
+        self.sent += 1
+        head = p.header(self.sent if n is None else n)
+        self.sock.send_multipart([self.route, head, *(p.pack(m) for m in messages)])
 
     def reply(self, req_id: int, result: Any) -> None:
-        self.sock.send_multipart([self.route, p.pack([p.REPLY, req_id, result])])
+        self.send([p.REPLY, req_id, result])
 
     def close(self) -> None:
         self.asock.close(linger=0)
@@ -59,7 +72,7 @@ async def pair() -> AsyncIterator[tuple[gw.GatewayLink, FakeGateway]]:
     link = gw.GatewayLink(
         ctx, "g1", f"tcp://127.0.0.1:{gateway.port}", "w1", lambda link, message: None
     )
-    link.start([p.HELLO, "w1"])
+    link.start()
     assert (await gateway.next_message())[0][0] == p.HELLO
     try:
         yield link, gateway
@@ -76,7 +89,7 @@ async def test_identical_queries_of_one_turn_share_one_request(
     first = link.query(p.Q_GROUP_SESSIONS, "room")
     second = link.query(p.Q_GROUP_SESSIONS, "room")
     other = link.query(p.Q_GROUP_SESSIONS, "lobby")
-    link.send_frame(gw.encode_leave(7, "room"))  # may change the answer
+    link.send_frame(gw.encode_leave(7, "room"), gw.Run(1, 1, link))  # may change the answer
     after = link.query(p.Q_GROUP_SESSIONS, "room")
     sent = await gateway.next_message()
     assert [m[0] for m in sent] == [p.QUERY, p.QUERY, p.LEAVE, p.QUERY]
@@ -119,15 +132,16 @@ async def test_a_large_batch_leaves_at_the_acknowledgement_not_at_the_end_of_the
 ) -> None:
     link, gateway = pair
     big = "x" * (gw.FLUSH_AT // 2)
-    link.send_frame(gw.encode_send([1], big))
-    link.ack(10)  # under the bound: waits for the end of the turn
-    link.send_frame(gw.encode_send([2], big))
-    link.ack(11)  # over it: sent now, with both acknowledgements after the commands
+    run = gw.Run(1, 10, link)
+    link.send_frame(gw.encode_send([1], big), run)
+    link.ack(10, run)  # under the bound: waits for the end of the turn
+    link.send_frame(gw.encode_send([2], big), run)
+    link.ack(11, run)  # over it: sent now, with both acknowledgements after the commands
     sent = gateway.message()  # without yielding to the loop
     assert [m[0] for m in sent] == [p.SEND, p.SEND, p.ACK]
     assert sent[2][1] == [10, 11]
-    link.send_frame(gw.encode_send([3], "small"))
-    link.ack(12)
+    link.send_frame(gw.encode_send([3], "small"), run)
+    link.ack(12, run)
     with pytest.raises(AssertionError):
         gateway.message(timeout_ms=50)  # a small batch waits for the loop
     assert [m[0] for m in await gateway.next_message()] == [p.SEND, p.ACK]

@@ -19,9 +19,10 @@ class FakeSocket:
         self.gone: set[bytes] = set()
 
     def send_multipart(self, parts: list[bytes], flags: int = 0) -> None:
-        route, *frames = parts
+        route, head, *frames = parts
         if route in self.gone:
             raise zmq.ZMQError(errno.EHOSTUNREACH)
+        assert p.unpack(head)[0] == p.MSG
         self.sent.extend((route, p.unpack(frame)) for frame in frames)
 
     def events(self, route: bytes | None = None) -> list[list[Any]]:
