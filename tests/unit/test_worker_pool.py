@@ -37,6 +37,8 @@ class FakeConn:
         self.session_version = 0
         self.worker: bytes | None = None
         self.pending = 0
+        self.queued = 0
+        self.open = True
         self.paused = False
         self.closed_with: int | None = None
 
