@@ -78,7 +78,9 @@ READ_SLICE = 4096
 """Bytes of a read handed to the frame parser at a time. A flood pause (see
 ``pause``) takes effect between slices, so a client overshoots ``flood_limit``
 by at most one slice's frames (683 empty ones), not by a whole read (uvloop
-reads up to 256 KiB: 43,690 empty frames)."""
+reads up to 256 KiB: 43,690 empty frames). Reads of at most a slice, a chat's,
+take the direct path. Measured cost: a 64 KiB frame read whole 33 -> 55 us
+(16 parser steps instead of one); 1,000 small frames in one read unchanged."""
 
 
 def text_frame(data: str | bytes, *, binary: bool = False) -> bytes:
