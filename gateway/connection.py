@@ -392,7 +392,13 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if unread:
-            self._receive(unread)
+            # Called from the pool's ack loop: an error here must not cut that short.
+            try:
+                self._receive(unread)
+            except Exception:
+                log.exception("reading held bytes failed client=%d", self.client_id)
+                self.abort()
+                return
             if self._unread is not None:  # what it held paused it again
                 return
         transport.resume_reading()
