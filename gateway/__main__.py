@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-key", help="private key file of --tls-cert")
     parser.add_argument("--max-message-size", type=int, default=64 * 1024)
     parser.add_argument("--max-send-buffer", type=int, default=1024 * 1024)
+    parser.add_argument(
+        "--max-fragments",
+        type=int,
+        default=1024,
+        help="frames one client message may have (over it: close 1009)",
+    )
     parser.add_argument("--max-waiting", type=int, default=10_000)
     parser.add_argument("--drain-batch", type=int, default=500, help="clients closed per 50 ms")
     parser.add_argument("--drain-time", type=float, default=5.0, help="seconds a stop may take")
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         ssl=_tls(args.tls_cert, args.tls_key),
         max_message_size=args.max_message_size,
         max_send_buffer=args.max_send_buffer,
+        max_fragments=args.max_fragments,
         max_waiting=args.max_waiting,
         drain_batch=args.drain_batch,
         drain_time=args.drain_time,

@@ -47,9 +47,21 @@ class GatewayConfig:
     """Address workers should connect to, when it differs from the bind address."""
     registers: Sequence[str] = field(default_factory=lambda: [register_protocol.DEFAULT_ADDRESS])
     max_message_size: int = 64 * 1024
+    """Bytes of one client message, across its fragments (over it: close 1009).
+    Also what a half-sent frame can make the parser hold."""
+    max_fragments: int = 1024
+    """Frames of one client message (over it: close 1009, logged at INFO). Empty
+    continuation frames never reach ``max_message_size``; 1,024 lets a client
+    stream a 64 KiB message in 64-byte pieces."""
     max_send_buffer: int = 1024 * 1024
+    """Bytes we may hold unsent for one client, app frames and the protocol's own
+    (pongs, close) alike; over it: close 1008, a WARNING, a reset 5 s later."""
     max_waiting: int = 10_000
+    """Events waiting, gateway-wide, while no worker is linked; a client whose
+    event does not fit is closed with 1013."""
     flood_limit: int = 100
+    """Events of one client not yet acknowledged (sent to a worker, waiting for
+    one, or parked); at the limit the client is not read until half are."""
     reuse_port: bool = True
     drain_batch: int = 500
     """Clients closed per tick (50 ms) when the gateway stops, so they do not all
@@ -71,6 +83,7 @@ class Gateway:
         check_exposure(config.internal, config.keys)
         self.config = config
         self.max_message_size = config.max_message_size
+        self.max_fragments = config.max_fragments
         self.max_send_buffer = config.max_send_buffer
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.id = os.urandom(6).hex()

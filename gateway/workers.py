@@ -4,7 +4,9 @@ Rules, in the order they are applied to each client event:
 
 1. Ordering: a client is bound to one worker while that worker lives, and its
    events go to it in order. Events wait in a bounded gateway-wide queue while
-   no worker is linked (clients stay connected meanwhile).
+   no worker is linked (clients stay connected meanwhile; ``max_waiting``,
+   10,000 events, beyond which a client whose event does not fit is closed
+   with 1013).
 2. Nothing accepted is lost: an event stays "unacked" until the worker says it
    was handled. When a worker dies (ZeroMQ drops its link, or it goes silent)
    its unacked events go, in their original order, to the workers that take over
@@ -12,8 +14,11 @@ Rules, in the order they are applied to each client event:
 3. A stopping worker says BYE and is sent nothing new; a client still busy on
    it is parked (its new events wait) until its last event there is acked, so
    a rolling restart keeps each client's events in order.
-4. Floods: a client with too many unacked events is not read from (TCP
-   backpressure) until the workers catch up; nothing is dropped.
+4. Floods: a client with ``flood_limit`` (100) events not yet acknowledged,
+   whether sent to a worker (``conn.pending``), waiting for one or parked
+   (``conn.queued``), is not read from (TCP backpressure) until half of them
+   are; nothing is dropped. So one client cannot fill the waiting queue while
+   no worker is linked.
 5. Every client has a live worker that knows it: when a worker dies, its idle
    clients are bound to others at once and announced to them (ADOPT), so that
    if this gateway dies too, some worker runs their on_close.
@@ -138,11 +143,13 @@ class WorkerPool:
         parked = self.parked.get(conn.client_id)
         if parked is not None:
             parked[1].append(item)
+            self._held(conn)
             return
         worker = self.workers.get(conn.worker) if conn.worker is not None else None
         if worker is None or worker.draining:
             if worker is not None and conn.pending > 0:
                 self.parked[conn.client_id] = (conn, [item])
+                self._held(conn)
                 return
             worker = self._choose()
             if worker is None:
@@ -164,7 +171,7 @@ class WorkerPool:
             message.append(payload)
         worker.unacked[seq] = (conn, item)
         conn.pending += 1
-        if conn.pending == self.flood_limit:
+        if conn.pending + conn.queued == self.flood_limit:
             conn.pause()
         self.post(worker.id, protocol.pack(message))
 
@@ -214,18 +221,27 @@ class WorkerPool:
             # Closing is the one honest answer: the client learns it was not
             # served (1013 "try again later") instead of its message vanishing.
             self.refused += 1
-            log.warning("no worker and queue full, closing client=%d", conn.client_id)
-            conn.close(1013, "no worker available")
+            if conn.open:  # once: what it sends while closing is refused quietly
+                log.warning("no worker and queue full, closing client=%d", conn.client_id)
+                conn.close(1013, "no worker available")
             return
         if not self.waiting:
             log.warning("no worker linked, queueing events")
         self.waiting.append((conn, item))
+        self._held(conn)
+
+    def _held(self, conn: ClientConnection) -> None:
+        """One more of ``conn``'s events waits or is parked: it counts for the flood limit."""
+        conn.queued += 1
+        if conn.pending + conn.queued == self.flood_limit:
+            conn.pause()
 
     def _release_waiting(self) -> None:
         waiting, self.waiting = self.waiting, deque()
         if waiting:
             log.info("worker available, releasing queued events count=%d", len(waiting))
         for conn, item in waiting:
+            conn.queued -= 1
             self._route(conn, item)
 
     # Messages from workers
@@ -268,7 +284,7 @@ class WorkerPool:
             self.effects.pop(seq, None)
             conn = entry[0]
             conn.pending -= 1
-            if conn.pending == resume_at:
+            if conn.pending + conn.queued == resume_at:
                 conn.resume()
             if conn.pending == 0 and conn.client_id in self.parked:
                 self._unpark(conn.client_id)
@@ -276,6 +292,7 @@ class WorkerPool:
     def _unpark(self, client_id: int) -> None:
         conn, items = self.parked.pop(client_id)
         for item in items:
+            conn.queued -= 1
             self._route(conn, item)
 
     # Liveness
@@ -311,6 +328,7 @@ class WorkerPool:
         for conn, items in parked:
             conn.worker = None
             for item in items:
+                conn.queued -= 1
                 self._route(conn, item)
         self._adopt_orphans()
 

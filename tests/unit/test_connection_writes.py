@@ -33,6 +33,7 @@ class FakeGateway:
     """What a connection needs of its gateway; the outbox is the real Gateway's code."""
 
     max_message_size = 1 << 20
+    max_fragments = 1024
     flush_later = Gateway.flush_later
     _flush_outbox = Gateway._flush_outbox
 

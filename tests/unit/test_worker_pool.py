@@ -38,6 +38,8 @@ class FakeConn:
         self.session_version = 0
         self.worker: bytes | None = None
         self.pending = 0
+        self.queued = 0
+        self.open = True
         self.paused = False
         self.closed_with: int | None = None
 
@@ -156,6 +158,27 @@ def test_a_flooding_client_is_paused_then_resumed() -> None:
     assert a.paused
     pool.ack(b"w1", seqs(sock.events())[:2])
     assert not a.paused
+
+
+def test_events_waiting_or_parked_count_for_the_flood_limit() -> None:
+    """With no worker, one client cannot fill the waiting queue: it is paused at its limit."""
+    pool, sock = make_pool(flood_limit=4, max_waiting=100)
+    a = FakeConn(1)
+    for i in range(4):
+        pool.event(a, p.EVENT_MESSAGE, str(i))
+    assert a.paused and a.queued == 4 and a.pending == 0
+    pool.hello(b"w1", {})  # released: they are now sent, and still count
+    assert a.queued == 0 and a.pending == 4 and a.paused
+    pool.hello(b"w2", {})
+    pool.bye(b"w1")
+    pool.ack(b"w1", seqs(sock.events(b"w1"))[:2])  # half acked: read again
+    assert not a.paused
+    for i in range(4, 6):  # parked behind the two still on the draining worker
+        pool.event(a, p.EVENT_MESSAGE, str(i))
+    assert a.paused and a.pending == 2 and a.queued == 2
+    pool.ack(b"w1", seqs(sock.events(b"w1"))[2:])
+    assert a.queued == 0 and a.pending == 2
+    assert [e[5] for e in sock.events(b"w2")] == ["4", "5"]
 
 
 def test_events_are_packed_with_the_session_current_when_sent() -> None:
