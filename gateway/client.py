@@ -172,6 +172,9 @@ class GatewayLink:
     """A session socket to one gateway: commands and queries out, client events in."""
 
     _req_ids = itertools.count(1)
+    _sessions = itertools.count(1)
+    """session numbers, unique in the process: a routing id is never used twice, even
+    towards a gateway that comes back under another id at the same address"""
 
     def __init__(
         self,
@@ -227,7 +230,7 @@ class GatewayLink:
 
     def _open(self) -> None:
         """A new session: a new socket, a new routing id, numbering from 1."""
-        self.session += 1
+        self.session = next(self._sessions)
         asock = self._asock = self.ctx.socket(zmq.DEALER)
         asock.setsockopt(zmq.ROUTING_ID, f"{self.worker_id}.{self.session}".encode())
         asock.setsockopt(zmq.LINGER, 2000)
