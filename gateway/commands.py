@@ -132,11 +132,13 @@ class Commands:
                     self._hello(route, message)
                     worker = pool.workers.get(route)
                     continue
-                if op == p.CAUSE:
-                    if counting.__class__ is int:
+                if op == p.CAUSE or op == p.ACK:
+                    if counting.__class__ is int:  # the run's count, before it may be acked
                         effects[counting] = done
-                    counting, index, done = self._cause(worker, message)
-                    continue
+                    if op == p.CAUSE:
+                        counting, index, done = self._cause(worker, message)
+                        continue
+                    counting = None
                 if counting is not None and op in p.EFFECTS:
                     if counting.__class__ is int:
                         skip = index < done
