@@ -157,3 +157,56 @@ async def test_an_answered_query_leaves_no_timer_behind(
     gateway.reply(query[1], 3)
     assert [await asyncio.wait_for(f, 2) for f in futures] == [3, 3]
     assert link._timeouts == {} and timer.cancelled()
+
+
+async def test_a_fenced_session_starts_anew_and_sends_again_only_other_gateways_commands(
+    pair: tuple[gw.GatewayLink, FakeGateway],
+) -> None:
+    link, gateway = pair
+    first_route = gateway.route
+    own = gw.Run(1, 10, link)  # an event of this gateway
+    other = gw.Run(2, 20, None)  # another gateway's event (its link is elsewhere)
+    link.send_frame(gw.encode_send([1], "own"), own)
+    link.send_frame(gw.encode_send([1], "other"), other)
+    sent = await gateway.next_message(causes=True)
+    assert gateway.head[2] is True  # other gateways' commands: a receipt is asked for
+    assert [m[0] for m in sent] == [p.CAUSE, p.SEND, p.CAUSE, p.SEND]
+    gateway.send([p.FENCED], n=0)  # this session was declared gone
+    hello = await gateway.next_message()
+    assert gateway.route != first_route and hello[0][0] == p.HELLO
+    assert gateway.head[1] == 1  # numbering starts again
+    again = gateway.message(causes=True)
+    assert again == [[p.CAUSE, 2, 20, 0], [p.SEND, [1], "other"]]  # not the stale run's
+    assert own.stale and not other.stale
+    link.send_frame(gw.encode_send([1], "late"), own)  # nothing of the old run goes out
+    link.ack(10, own)
+    link.send_frame(gw.encode_send([1], "next"), other)
+    assert [m[2] for m in await gateway.next_message()] == ["next"]
+
+
+async def test_an_ack_waits_for_the_other_gateways_receipt() -> None:
+    source, other = FakeGateway(), FakeGateway()
+    ctx = zmq.asyncio.Context()
+    links = [
+        gw.GatewayLink(ctx, gid, f"tcp://127.0.0.1:{g.port}", "w1", lambda link, m: None)
+        for gid, g in (("g1", source), ("g2", other))
+    ]
+    try:
+        for link, g in zip(links, (source, other), strict=True):
+            link.start()
+            await g.next_message()
+        run = gw.Run(1, 10, links[0])
+        links[1].send_frame(gw.encode_send_all("hi", []), run)  # a broadcast, also there
+        assert run.batches
+        gw.when_receipted(list(run.batches.values()), lambda: links[0].ack(10, run))
+        await other.next_message()
+        links[0].send_frame(gw.encode_send([1], "marker"), gw.Run(1, 11, links[0]))
+        assert [m[0] for m in await source.next_message()] == [p.SEND]  # no ack yet
+        other.send([p.RECEIPT, other.head[1]])
+        assert await source.next_message() == [[p.ACK, [10]]]
+    finally:
+        for link in links:
+            link.close()
+        ctx.term()
+        source.close()
+        other.close()
