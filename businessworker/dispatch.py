@@ -250,7 +250,9 @@ class Dispatcher:
             return
         run, link = scope.run, scope.link
         if run.batches:  # commands to other gateways: ack once they have them
-            when_receipted(list(run.batches.values()), lambda: link.ack(seq, run))
+            when_receipted(
+                list(run.batches.values()), lambda: link.ack(seq, run), link.link_timeout
+            )
         else:
             link.ack(seq, run)
 

@@ -151,19 +151,30 @@ class Batch:
             waiter()
 
 
-def when_receipted(batches: list[Batch], then: Callable[[], None]) -> None:
-    """Call ``then`` once every batch was confirmed (at once if they all are)."""
+def when_receipted(batches: list[Batch], then: Callable[[], None], timeout: float) -> None:
+    """Call ``then`` once every batch was confirmed (at once if they all are), or after
+    ``timeout`` s: a gateway that does not confirm that long is cut off from us, and
+    holding the acknowledgement longer would stall the event's client for as long
+    (its commands stay kept, and are sent again once the gateway is back)."""
     pending = [b for b in batches if not b.receipted]
     if not pending:
         then()
         return
     left = [len(pending)]
+    timer: list[asyncio.TimerHandle] = []
 
     def one() -> None:
         left[0] -= 1
-        if not left[0]:
+        if left[0] == 0:
+            timer[0].cancel()
             then()
 
+    def late() -> None:
+        if left[0] > 0:
+            left[0] = -1
+            then()
+
+    timer.append(asyncio.get_running_loop().call_later(timeout, late))
     for batch in pending:
         batch.waiters.append(one)
 

@@ -89,13 +89,16 @@ class Round:
 class Room:
     """``size`` members of one room, ``senders`` of them saying lines ``pace`` apart."""
 
-    def __init__(self, url: str, size: int, senders: int, pace: float = 0.04) -> None:
-        self.url = url
-        self.members = [Member(f"m{i}", url) for i in range(size)]
+    def __init__(self, url: str | list[str], size: int, senders: int, pace: float = 0.04) -> None:
+        urls = [url] if isinstance(url, str) else url
+        self.url = urls[0]
+        self.members = [Member(f"m{i}", urls[i % len(urls)]) for i in range(size)]
         self.senders: list[Member] = []
         self.count = senders
         self.pace = pace
         self.said: dict[str, dict[int, float]] = {}
+        self._stop = asyncio.Event()
+        self._saying: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         for first in range(0, len(self.members), 25):
@@ -116,32 +119,44 @@ class Room:
             if member.client is not None:
                 await member.client.ws.close()
 
-    async def round(self, fault: Any, *, before: float = 1.0, max_time: float = 90) -> Round:
-        """Say lines, run ``fault()`` in a thread ``before`` s in, keep saying until it
-        returned, then end the round with markers; return the counts."""
+    def start(self) -> None:
+        """Begin a round: the senders say numbered lines until ``end``."""
         for member in self.members:
             member.heard.clear()
             member.closes.clear()
         self.said = {s.name: {} for s in self.senders}
+        self._stop = asyncio.Event()
+        self._saying = asyncio.create_task(self._say())
+
+    async def _say(self, max_time: float = 120) -> None:
         start = time.monotonic()
-        job: asyncio.Future[Any] | None = None
         n = 0
-        while job is None or not job.done():
-            assert time.monotonic() - start < max_time, "the fault did not end in time"
+        while not self._stop.is_set():
+            assert time.monotonic() - start < max_time, "a round ran too long"
             for sender in self.senders:
                 assert sender.client is not None
                 self.said[sender.name][n] = time.monotonic()
                 await sender.client.say(f"{sender.name} {n}")
             n += 1
-            if job is None and time.monotonic() - start >= before:
-                job = asyncio.ensure_future(asyncio.to_thread(fault))
             await asyncio.sleep(self.pace)
-        job.result()
+
+    async def end(self, timeout: float = 30) -> Round:
+        """Stop saying, send the markers, wait until everyone heard them; the counts."""
+        self._stop.set()
+        assert self._saying is not None
+        await self._saying
         for sender in self.senders:
             assert sender.client is not None
             await sender.client.say(f"{sender.name} {END}")
-        await self._until_every_marker_is_heard(deadline=time.monotonic() + 30)
+        await self._until_every_marker_is_heard(deadline=time.monotonic() + timeout)
         return self._count()
+
+    async def round(self, fault: Any, *, before: float = 1.0) -> Round:
+        """A round with ``fault()`` run in a thread ``before`` s in; ends when it returned."""
+        self.start()
+        await asyncio.sleep(before)
+        await asyncio.to_thread(fault)
+        return await self.end()
 
     async def _until_every_marker_is_heard(self, deadline: float) -> None:
         def done(member: Member) -> bool:

@@ -41,10 +41,10 @@ WS_PORT = 7272
 class Driver:
     """tests/deploy/driver.py running on one host; call(op, **fields) -> result."""
 
-    def __init__(self, prefix: list[str], log: Path) -> None:
+    def __init__(self, prefix: list[str], log: Path, module: str = "tests.deploy.driver") -> None:
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "tests.deploy.driver"],
+            [*prefix, sys.executable, "-m", module],
             cwd=ROOT,
             env=clean_env(),
             stdin=subprocess.PIPE,
@@ -300,3 +300,37 @@ def test_reload_workers_on_the_worker_host(hosts: Hosts, drivers: dict[str, Driv
     a("expect", name="p", type="login")
     b("say", name="q", content="new code")
     assert a("expect", name="p", type="say")["content"] == "new code"
+
+
+def test_a_gateway_host_cut_off_from_the_worker_host_for_10_s(hosts: Hosts) -> None:
+    """B's two gateways and C's workers lose each other (blackhole routes inside their
+    namespaces) for 10 s, under chat load from members on A and B: then the link
+    comes back. Every member loses nothing, sees nothing twice, in order."""
+    b, c = hosts.net.addresses["b"], hosts.net.addresses["c"]
+    load = Driver(hosts.net.exec("a"), hosts.base / "load.log", "tests.deploy.load_driver")
+    try:
+        urls = [f"ws://10.77.0.1:{WS_PORT}/", f"ws://10.77.0.2:{WS_PORT}/"]
+        load("open", urls=urls, size=100, senders=4, timeout=120)
+        load("start")
+        time.sleep(1)  # load first, then the fault
+        cut = [
+            ("-n", hosts.net.names["b"], "route", "add", "blackhole", f"{c}/32"),
+            ("-n", hosts.net.names["c"], "route", "add", "blackhole", f"{b}/32"),
+        ]
+        for args in cut:
+            subprocess.run(["ip", *args], check=True, timeout=20)
+        try:
+            time.sleep(10)  # the fault itself: 10 s apart
+        finally:
+            for args in cut:
+                subprocess.run(["ip", *[a if a != "add" else "del" for a in args]], timeout=20)
+        hosts.wait_mesh()
+        result = load("end", timeout=120)
+        print(f"10 s partition of B and C: {result}")
+        assert not result["errors"], result["errors"]
+        assert (result["lost"], result["duplicated"], result["out_of_order"]) == (0, 0, 0)
+        assert result["reconnected"] == 0  # nobody was closed
+        load("rosters")
+        assert load("twice") == []
+    finally:
+        load.close()

@@ -198,7 +198,7 @@ async def test_an_ack_waits_for_the_other_gateways_receipt() -> None:
         run = gw.Run(1, 10, links[0])
         links[1].send_frame(gw.encode_send_all("hi", []), run)  # a broadcast, also there
         assert run.batches
-        gw.when_receipted(list(run.batches.values()), lambda: links[0].ack(10, run))
+        gw.when_receipted(list(run.batches.values()), lambda: links[0].ack(10, run), 60)
         await other.next_message()
         links[0].send_frame(gw.encode_send([1], "marker"), gw.Run(1, 11, links[0]))
         assert [m[0] for m in await source.next_message()] == [p.SEND]  # no ack yet
