@@ -19,7 +19,9 @@ from typing import Any
 
 import zmq.asyncio
 
+from chatcluster.cli import zmq_address_error
 from chatcluster.keys import Keys
+from chatcluster.logs import Throttle, held_back
 from gateway.client import EventHandler, GatewayLink
 from gateway.ids import prefix_of
 
@@ -51,6 +53,7 @@ class GatewayLinks:
         self.links: dict[str, GatewayLink] = {}
         self.by_prefix: dict[int, GatewayLink] = {}
         self._tables: dict[int, tuple[float, bool, dict[str, dict[str, Any]]]] = {}
+        self._unreachable = Throttle()
 
     def __len__(self) -> int:
         return len(self.links)
@@ -107,6 +110,17 @@ class GatewayLinks:
                     self.on_gone(link)
 
     def _link(self, entry: dict[str, Any]) -> None:
+        why = zmq_address_error(entry["address"])
+        if why is not None:  # a gateway's bad --advertise must not stop the worker
+            shown = self._unreachable.hit(entry["id"])
+            if shown is not None:
+                log.error(
+                    "cannot link gateway=%s: it advertises %s (fix that gateway's --advertise)%s",
+                    entry["id"],
+                    why,
+                    held_back(shown),
+                )
+            return
         link = GatewayLink(
             self.ctx, entry["id"], entry["address"], self.worker_id, self.on_event, self.keys
         )

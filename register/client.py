@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from chatcluster import auth
+from chatcluster.cli import USAGE, OperatorError, zmq_address_error
 from chatcluster.keys import Keys
 from register import protocol
 
@@ -34,11 +35,20 @@ SILENCE_REPEAT = 30.0
 
 
 def register_addresses(given: Sequence[str] | None) -> list[str]:
-    """The --register options, else $CHAT_REGISTER, else the default address."""
+    """The --register options, else $CHAT_REGISTER, else the default address.
+
+    An address in $CHAT_REGISTER that is none is a usage error (the options are
+    checked by the parser).
+    """
     if given:
         return list(given)
     env = os.environ.get(ENV_REGISTER, "")
-    return [a.strip() for a in env.split(",") if a.strip()] or [protocol.DEFAULT_ADDRESS]
+    addresses = [a.strip() for a in env.split(",") if a.strip()]
+    for address in addresses:
+        why = zmq_address_error(address)
+        if why is not None:
+            raise OperatorError(f"${ENV_REGISTER}: {why} (comma-separated)", USAGE)
+    return addresses or [protocol.DEFAULT_ADDRESS]
 
 
 class RegisterClient:
@@ -173,7 +183,7 @@ async def fetch_status(
     try:
         await sock.send(protocol.pack([protocol.STATUS]))
         if not await sock.poll(timeout * 1000, zmq.POLLIN):
-            raise TimeoutError(f"no answer from register {address} within {timeout} s")
+            raise TimeoutError(f"no answer from register {address} within {timeout:g} s")
         message = protocol.unpack(await sock.recv())
         return message[1]
     finally:
