@@ -9,6 +9,7 @@ the root namespace.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import re
@@ -66,6 +67,8 @@ class Supervised:
         self.config = self.dir / "chat.env"
         self.config.write_text("".join(f"{k}='{v}'\n" for k, v in self.settings.items()))
         self.socket = self.dir / "run" / f"{role_name(role)}.sock"
+        self.login = self.dir / "run" / f"{role_name(role)}.login"
+        """the control socket's login, which deploy/run writes at each start"""
         self.proc: subprocess.Popen[bytes] | None = None
 
     # Commands, optionally inside the namespace
@@ -89,12 +92,14 @@ class Supervised:
 
     # Lifecycle
 
-    def start(self) -> Supervised:
+    def start(self, *command: str, **env: str) -> Supervised:
+        """Run ``command`` (default ``deploy/run ROLE -n``) with the settings and ``env``;
+        return once the control socket exists."""
         out = open(self.dir / "supervisord.out", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [*self.prefix(), str(DEPLOY / "run"), self.role, "-n"],
+            [*self.prefix(), *(command or (str(DEPLOY / "run"), self.role, "-n"))],
             cwd=ROOT,
-            env=self.env(),
+            env={**self.env(), **env},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -109,11 +114,15 @@ class Supervised:
 
     @property
     def rpc(self) -> Any:
-        """supervisord's XML-RPC interface (``supervisor.*``), over the control socket.
-        A new connection each time, so threads never share one."""
+        """supervisord's XML-RPC interface (``supervisor.*``), over the control socket
+        with the login deploy/run made. A new connection each time, so threads never
+        share one."""
+        config = configparser.RawConfigParser()
+        config.read(self.login)
+        ctl = config["supervisorctl"]
         proxy = xmlrpc.client.ServerProxy(
             "http://127.0.0.1",
-            transport=SupervisorTransport(None, None, f"unix://{self.socket}"),
+            transport=SupervisorTransport(ctl["username"], ctl["password"], ctl["serverurl"]),
         )
         return proxy.supervisor
 
