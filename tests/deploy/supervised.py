@@ -25,6 +25,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from chatcluster import keys as curve
 from tests.cluster import ROOT, register_status
 
 DEPLOY = ROOT / "deploy"
@@ -62,14 +63,26 @@ class Supervised:
         self.settings = {
             "CHAT_RUN_DIR": str(self.dir / "run"),
             "CHAT_LOG_DIR": str(self.dir / "log"),
+            # the default cluster key, made by the first program: never the real home's
+            curve.ENV_STATE: str(self.dir / "state"),
             **{k: str(v) for k, v in settings.items()},
         }
         self.config = self.dir / "chat.env"
         self.config.write_text("".join(f"{k}='{v}'\n" for k, v in self.settings.items()))
-        self.socket = self.dir / "run" / f"{role_name(role)}.sock"
-        self.login = self.dir / "run" / f"{role_name(role)}.login"
+        run_dir = Path(self.settings["CHAT_RUN_DIR"])
+        self.socket = run_dir / f"{role_name(role)}.sock"
+        self.login = run_dir / f"{role_name(role)}.login"
         """the control socket's login, which deploy/run writes at each start"""
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def keys(self) -> curve.Keys | None:
+        """The cluster key its programs run with (None before the first made it)."""
+        path = Path(
+            self.settings.get(curve.ENV_KEY)
+            or Path(self.settings[curve.ENV_STATE]) / curve.KEY_NAME
+        )
+        return curve.load(path) if path.exists() else None
 
     # Commands, optionally inside the namespace
 
@@ -198,8 +211,9 @@ def status_in(host: Supervised) -> dict[str, Any] | None:
     return json.loads(run.stdout) if run.returncode == 0 else None
 
 
-def local_status(register: str) -> dict[str, Any] | None:
-    return register_status(register, timeout=2.0)
+def local_status(register: str, keys: curve.Keys | None) -> dict[str, Any] | None:
+    """The register's table, asked from this process with the cluster key."""
+    return register_status(register, timeout=2.0, keys=keys)
 
 
 def mesh(status: dict[str, Any] | None, gateways: int, workers: int) -> bool:
