@@ -1,12 +1,12 @@
 # `make run` starts the whole cluster on this machine; `make test` runs every test.
-# Both create .venv and install what they need on first use.
+# Both create .venv and install what they need on first use (`make install` does only that).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format bench clean browser-deps
+.PHONY: install run test lint format bench clean browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+install: $(STAMP)
+
+# The one-machine layout of deploy/cluster.env in the foreground, every log on stdout;
+# Ctrl-C stops it. deploy/ctl status, deploy/status and deploy/reload-workers work on it.
 run: $(STAMP)
-	mkdir -p run
-	$(VENV)/bin/supervisord -c deploy/supervisord.conf
+	CHAT_FOREGROUND=1 deploy/run all
 
 # Debian's chromium for the browser tests (never a browser download). Needs root;
 # without it the browser tests are skipped with the reason.
@@ -43,4 +46,4 @@ bench: $(STAMP)
 	$(PY) -m tests.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) run .pytest_cache .ruff_cache tests/output
+	rm -rf $(VENV) run logs .pytest_cache .ruff_cache tests/output

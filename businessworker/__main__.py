@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import signal
 
 import uvloop
@@ -18,37 +19,82 @@ from register.client import ENV_REGISTER, register_addresses
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="python -m businessworker", description=__doc__)
-    parser.add_argument("--app", required=True, help="importable module with the callbacks")
     parser.add_argument(
-        "--register", action="append", help=f"register address, repeatable (${ENV_REGISTER})"
+        "--app",
+        required=True,
+        metavar="MODULE",
+        help="importable module with the callbacks, e.g. businessworker.chat (no default)",
     )
-    parser.add_argument("--curve-key", help=f"cluster secret key file (${curve.ENV_KEY})")
+    parser.add_argument(
+        "--register",
+        action="append",
+        type=cli.zmq_address(),
+        metavar="ADDR",
+        help=f"register address, repeatable for redundant registers "
+        f"(default: ${ENV_REGISTER}, comma-separated, else tcp://127.0.0.1:1236)",
+    )
+    parser.add_argument(
+        "--curve-key",
+        metavar="FILE",
+        help=f"the cluster's secret key file (default: ${curve.ENV_KEY}, else "
+        f"{curve.default_file()}, made at the first start)",
+    )
     parser.add_argument(
         "--insecure",
         action="store_true",
         help="plain links, no key: for a cluster started --insecure (a WARNING at start)",
     )
-    parser.add_argument(
-        "--link-timeout",
-        type=float,
-        default=None,
-        help=f"seconds a silent internal link is waited for before its peer is taken for "
-        f"gone (${links.ENV_LINK_TIMEOUT}, default {links.LINK_TIMEOUT:g})",
-    )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_link_timeout()
+    parser.add_log_level()
     args = parser.parse_args(argv)
+    if args.curve_key and args.insecure:
+        parser.error("give --curve-key or --insecure, not both")
     logs.setup(args.log_level)
-    app = App.load(args.app)
+    registers = register_addresses(args.register)
+    app = load_app(args.app)
     keys = curve.for_process(args.curve_key, insecure=args.insecure)
     # What is loaded by now (modules, the app) lives as long as the process: keep it
     # out of the collector's full passes, which otherwise traverse it every time.
     gc.freeze()
     timeout = links.link_timeout(args.link_timeout)
-    code = uvloop.run(_run(app, register_addresses(args.register), keys, timeout))
+    code = uvloop.run(_run(app, registers, keys, timeout))
     # Without this, messages still queued in ZeroMQ (a stopping worker's last
     # acknowledgements) can die with the process; destroy flushes them first.
     zmq.asyncio.Context.instance().destroy(linger=2000)
     return code
+
+
+def load_app(name: str) -> App:
+    """Import the app; an app that is missing, raises on import or has no callbacks is
+    the operator's to fix: one line with the exception and where it was raised."""
+    if name.endswith(".py") or "/" in name:
+        module = name.removesuffix(".py").replace("/", ".").strip(".")
+        raise cli.OperatorError(
+            f"--app {name}: give a module name, not a file: --app {module} "
+            f"(from the folder that holds it, or with it on PYTHONPATH)",
+            cli.USAGE,
+        )
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(f"{exc.name}.")):
+            raise cli.OperatorError(
+                f"--app {name}: no module named {exc.name!r} (run from the folder that "
+                f"holds it, or put that folder on PYTHONPATH)"
+            ) from exc
+        raise _import_failed(name, exc) from exc
+    except Exception as exc:
+        raise _import_failed(name, exc) from exc
+    try:
+        return App.load(module)
+    except ValueError as exc:  # no callbacks
+        raise cli.OperatorError(f"--app {name}: {exc}") from exc
+
+
+def _import_failed(name: str, exc: BaseException) -> cli.OperatorError:
+    return cli.OperatorError(
+        f"--app {name}: importing it raised {type(exc).__name__}: {exc} (at {cli.raised_at(exc)})"
+    )
 
 
 async def _run(app: App, registers: list[str], keys: curve.Keys | None, link_timeout: float) -> int:

@@ -28,7 +28,9 @@ from typing import Any
 import zmq.asyncio
 
 from chatcluster import links as timing
+from chatcluster.cli import zmq_address_error
 from chatcluster.keys import Keys
+from chatcluster.logs import Throttle, held_back
 from gateway import protocol as p
 from gateway.client import EventHandler, GatewayLink, Run
 from gateway.ids import prefix_of
@@ -127,6 +129,7 @@ class GatewayLinks:
 
     def _end_own_run(self) -> None:
         self._own_run = None
+        self._unreachable = Throttle()
 
     def __len__(self) -> int:
         return len(self.links)
@@ -191,6 +194,17 @@ class GatewayLinks:
                     self.on_gone(link)
 
     def _link(self, entry: dict[str, Any]) -> None:
+        why = zmq_address_error(entry["address"])
+        if why is not None:  # a gateway's bad --advertise must not stop the worker
+            shown = self._unreachable.hit(entry["id"])
+            if shown is not None:
+                log.error(
+                    "cannot link gateway=%s: it advertises %s (fix that gateway's --advertise)%s",
+                    entry["id"],
+                    why,
+                    held_back(shown),
+                )
+            return
         link = GatewayLink(
             self.ctx,
             entry["id"],

@@ -86,9 +86,19 @@ def default_file() -> Path:
     return state_dir() / KEY_NAME
 
 
-def generate(folder: str | Path) -> Path:
-    """Write a new cluster keypair into ``folder``; return the secret key file."""
+def generate(folder: str | Path, *, fresh: bool = False) -> Path:
+    """Write a new cluster keypair into ``folder``; return the secret key file.
+
+    With ``fresh``, a folder that already holds a cluster key is refused: writing
+    over it would lock every machine that holds the old key out of the cluster.
+    """
     folder = Path(folder)
+    existing = folder / KEY_NAME
+    if fresh and existing.exists():
+        raise OperatorError(
+            f"{existing} exists: the cluster key is made once and copied to every machine; "
+            f"remove it first to make another, or give another --out"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _, secret_file = zmq.auth.create_certificates(str(folder), "cluster")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import re
 import signal
 import ssl
 
@@ -12,59 +14,136 @@ import zmq.asyncio
 
 from chatcluster import cli, links, logs
 from chatcluster import keys as curve
-from gateway.server import Gateway, GatewayConfig
+from gateway.server import Gateway, GatewayConfig, binds_everywhere
 from register.client import ENV_REGISTER, register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="python -m gateway", description=__doc__)
-    parser.add_argument("--listen", default="0.0.0.0:7272", help="client WebSocket HOST:PORT")
     parser.add_argument(
-        "--internal", default="tcp://127.0.0.1:*", help="ZeroMQ bind address for workers"
+        "--listen",
+        default="0.0.0.0:7272",
+        type=cli.host_port,
+        metavar="HOST:PORT",
+        help="where clients connect (WebSocket), shared by every gateway of this machine "
+        "(SO_REUSEPORT; default: %(default)s)",
     )
-    parser.add_argument("--advertise", help="address workers connect to, if not --internal")
     parser.add_argument(
-        "--register", action="append", help=f"register address, repeatable (${ENV_REGISTER})"
+        "--internal",
+        default="tcp://127.0.0.1:*",
+        type=cli.zmq_address(bind=True),
+        metavar="ADDR",
+        help="ZeroMQ address to bind for the workers; port * picks a free one "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--curve-key", help=f"cluster secret key file (${curve.ENV_KEY})")
+    parser.add_argument(
+        "--advertise",
+        type=cli.zmq_address(any_port=True),
+        metavar="ADDR",
+        help="address the workers dial, when not --internal (needed when --internal binds "
+        "every interface); port * means --internal's (default: --internal's address)",
+    )
+    parser.add_argument(
+        "--register",
+        action="append",
+        type=cli.zmq_address(),
+        metavar="ADDR",
+        help=f"register address, repeatable for redundant registers "
+        f"(default: ${ENV_REGISTER}, comma-separated, else tcp://127.0.0.1:1236)",
+    )
+    parser.add_argument(
+        "--curve-key",
+        metavar="FILE",
+        help=f"the cluster's secret key file (default: ${curve.ENV_KEY}, else "
+        f"{curve.default_file()}, made at the first start)",
+    )
     parser.add_argument(
         "--insecure",
         action="store_true",
         help="plain links, no key: any local account can join (a WARNING at start)",
     )
-    parser.add_argument("--tls-cert", help="certificate chain file: serve wss://")
-    parser.add_argument("--tls-key", help="private key file of --tls-cert")
-    parser.add_argument("--max-message-size", type=int, default=64 * 1024)
-    parser.add_argument("--max-send-buffer", type=int, default=1024 * 1024)
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate chain: serve wss:// instead of ws:// (default: ws://)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="PEM private key of --tls-cert (default: read from the --tls-cert file)",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=cli.positive_int,
+        default=64 * 1024,
+        metavar="BYTES",
+        help="largest client message, across its fragments; a bigger one closes the "
+        "connection with 1009 (default: %(default)d = 64 KiB)",
+    )
+    parser.add_argument(
+        "--max-send-buffer",
+        type=cli.positive_int,
+        default=1024 * 1024,
+        metavar="BYTES",
+        help="bytes queued for a client that does not read before it is closed with 1008 "
+        "(default: %(default)d = 1 MiB)",
+    )
     parser.add_argument(
         "--max-fragments",
-        type=int,
+        type=cli.positive_int,
         default=1024,
-        help="frames one client message may have (over it: close 1009)",
+        metavar="FRAMES",
+        help="frames one client message may have; more closes the connection with 1009 "
+        "(default: %(default)d)",
     )
-    parser.add_argument("--max-waiting", type=int, default=10_000)
-    parser.add_argument("--drain-batch", type=int, default=500, help="clients closed per 50 ms")
-    parser.add_argument("--drain-time", type=float, default=5.0, help="seconds a stop may take")
     parser.add_argument(
-        "--link-timeout",
-        type=float,
-        default=None,
-        help=f"seconds a silent internal link is waited for before its peer is taken for "
-        f"gone (${links.ENV_LINK_TIMEOUT}, default {links.LINK_TIMEOUT:g})",
+        "--max-waiting",
+        type=cli.positive_int,
+        default=10_000,
+        metavar="EVENTS",
+        help="client events kept while no worker is linked; a client whose event does "
+        "not fit is closed with 1013 (default: %(default)d)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--drain-batch",
+        type=cli.positive_int,
+        default=500,
+        metavar="CLIENTS",
+        help="on stop, clients closed (1012, reconnect elsewhere) per 50 ms; batches grow "
+        "to fit --drain-time (default: %(default)d)",
+    )
+    parser.add_argument(
+        "--drain-time",
+        type=cli.positive_float,
+        default=5.0,
+        metavar="S",
+        help="seconds a stop may take to close every client (default: %(default)g)",
+    )
+    parser.add_link_timeout()
+    parser.add_log_level()
     args = parser.parse_args(argv)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert (the certificate it is the key of)")
+    if args.curve_key and args.insecure:
+        parser.error("give --curve-key or --insecure, not both")
+    if args.advertise is None and binds_everywhere(args.internal):
+        parser.error(
+            f"--internal {args.internal} binds every interface: say with --advertise which "
+            f"address the workers dial (e.g. --advertise tcp://10.0.0.2:*)"
+        )
     logs.setup(args.log_level)
-    host, _, port = args.listen.rpartition(":")
+    host, port = args.listen
+    tls = _tls(args.tls_cert, args.tls_key)
+    registers = register_addresses(args.register)
     config = GatewayConfig(
         link_timeout=links.link_timeout(args.link_timeout),
-        host=host or "0.0.0.0",
-        port=int(port),
+        host=host,
+        port=port,
         internal=args.internal,
         advertise=args.advertise,
-        registers=register_addresses(args.register),
+        registers=registers,
         keys=curve.for_process(args.curve_key, insecure=args.insecure),
-        ssl=_tls(args.tls_cert, args.tls_key),
+        ssl=tls,
         max_message_size=args.max_message_size,
         max_send_buffer=args.max_send_buffer,
         max_fragments=args.max_fragments,
@@ -80,10 +159,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for ws://; a file that will not load is the
+    operator's to fix."""
     if cert is None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    files = f"--tls-cert {cert}" + (f" --tls-key {key}" if key else "")
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        missing = f"--tls-cert {cert}" if not os.path.exists(cert) else f"--tls-key {key}"
+        raise cli.OperatorError(f"{missing}: no such file") from exc
+    except OSError as exc:  # ssl.SSLError is one
+        why = re.sub(r"^\[SSL\] | \(_ssl\.c:\d+\)$", "", str(exc.args[-1]))
+        raise cli.OperatorError(
+            f"{files}: cannot load them ({why}): give a PEM certificate chain and its "
+            f"private key (in the same file, or with --tls-key)"
+        ) from exc
     return context
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from chatcluster import auth, links
+from chatcluster.cli import USAGE, OperatorError, os_reason, zmq_failure
 from chatcluster.keys import Keys, check_exposure
 from gateway import protocol
 from gateway.clients import ClientTable
@@ -142,10 +144,29 @@ class Gateway:
         if self.config.keys is not None:
             self.config.keys.server(asock)
         monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED | auth.HANDSHAKE_EVENTS)
-        asock.bind(self.config.internal)
-        self.address = _advertised(
-            asock.getsockopt_string(zmq.LAST_ENDPOINT), self.config.advertise
-        )
+        try:
+            # Both ports are taken before anything else, so a busy one is reported at
+            # once; clients are served only once a register accepted our ids.
+            try:
+                asock.bind(self.config.internal)
+            except zmq.ZMQError as exc:
+                raise zmq_failure(
+                    exc,
+                    "bind the internal address",
+                    self.config.internal,
+                    "another gateway's? give another port, or tcp://HOST:* for any free one",
+                ) from exc
+            self.address = _advertised(
+                asock.getsockopt_string(zmq.LAST_ENDPOINT), self.config.advertise
+            )
+            self._server = server = await self._listen()
+        except BaseException:
+            asock.disable_monitor()
+            monitor.close(linger=0)
+            asock.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
+            raise
         reader = self._reader = BatchReader(asock, self._drain_workers)
         sock = self._sock = reader.sock
         self.pool = WorkerPool(
@@ -179,19 +200,12 @@ class Gateway:
         try:
             if not await self._wait_accepted():
                 return
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: ClientConnection(self),
-                self.config.host,
-                self.config.port,
-                reuse_port=self.config.reuse_port,
-                backlog=4096,
-                ssl=self.config.ssl,
-            )
+            await server.start_serving()
             log.info(
                 "gateway listening id=%s ws=%s:%d pid=%d",
                 self.id,
                 self.config.host,
-                self.config.port,
+                server.sockets[0].getsockname()[1],  # the port picked, for --listen HOST:0
                 os.getpid(),
             )
             reading = self._background(reader.run())
@@ -199,6 +213,7 @@ class Gateway:
             await self._drain_clients()
             reading.cancel()
         finally:
+            server.close()
             for task in tasks:
                 task.cancel()
             self.register.bye(self.id)
@@ -214,6 +229,28 @@ class Gateway:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _listen(self) -> asyncio.AbstractServer:
+        """Bind the client port, not yet serving; a port we cannot have is the operator's."""
+        host, port = self.config.host, self.config.port
+        try:
+            return await asyncio.get_running_loop().create_server(
+                lambda: ClientConnection(self),
+                host,
+                port,
+                reuse_port=self.config.reuse_port,
+                backlog=4096,
+                ssl=self.config.ssl,
+                start_serving=False,
+            )
+        except OSError as exc:
+            why = os_reason(exc)
+            if exc.errno == errno.EADDRINUSE:
+                why += (
+                    " (another program holds it: gateways of one account share a port, "
+                    "nothing else can; stop it or give another --listen)"
+                )
+            raise OperatorError(f"cannot listen on {host}:{port}: {why}") from exc
+
     def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a task for the life of the process; if it fails, stop rather than limp on."""
         task = asyncio.create_task(coro)
@@ -227,15 +264,14 @@ class Gateway:
             self.stop()
 
     async def _wait_accepted(self) -> bool:
-        """Listen only once a register accepted our id prefix (ids must be unique)."""
+        """Serve clients only once a register accepted our id prefix (ids must be unique).
+
+        A register that does not answer is reported by the register client, after
+        5 s and every 30 s: no warning of our own here.
+        """
         waiter = asyncio.create_task(self._accepted.wait())
         stopper = asyncio.create_task(self._stopping.wait())
-        while not self._accepted.is_set() and not self._stopping.is_set():
-            done, _ = await asyncio.wait(
-                {waiter, stopper}, timeout=5, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                log.warning("waiting for a register registers=%s", list(self.config.registers))
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         stopper.cancel()
         return self._accepted.is_set() and not self._stopping.is_set()
@@ -372,12 +408,17 @@ def _advertised(bound: str, advertise: str | None) -> str:
     """
     port = bound.rsplit(":", 1)[1]
     if advertise is None:
-        host = urlsplit(bound).hostname or ""
-        if host in ("0.0.0.0", "::", "*"):
-            raise SystemExit(
+        if binds_everywhere(bound):
+            raise OperatorError(
                 f"the internal address {bound} binds every interface: say with --advertise "
-                f"which address workers should dial (e.g. --advertise tcp://10.0.0.2:{port})"
+                f"which address workers should dial (e.g. --advertise tcp://10.0.0.2:{port})",
+                USAGE,
             )
         return bound
     head, _, tail = advertise.rpartition(":")
     return f"{head}:{port}" if tail in ("*", "0") else advertise
+
+
+def binds_everywhere(address: str) -> bool:
+    """True for a tcp:// address on every interface (0.0.0.0, ::, *): no address to dial."""
+    return (urlsplit(address).hostname or "") in ("0.0.0.0", "::", "*")

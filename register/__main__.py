@@ -1,11 +1,14 @@
-"""``python -m register``: run it; ``status``: ask a live one; ``keys``: make CURVE keys."""
+"""``python -m register [run]``: run it; ``status``: ask a live one; ``keys``: a new key."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import signal
+import sys
 import time
+from collections.abc import Sequence
 
 import uvloop
 import zmq.asyncio
@@ -13,43 +16,127 @@ import zmq.asyncio
 from chatcluster import cli, links, logs
 from chatcluster import keys as curve
 from register import protocol
-from register.client import fetch_status, register_addresses
+from register.client import ENV_REGISTER, fetch_status, register_addresses
 from register.server import Register
 
+COMMANDS = ("run", "status", "keys")
 
-def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(prog="python -m register", description=__doc__)
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "status", "keys"])
-    parser.add_argument("--bind", default=protocol.DEFAULT_ADDRESS, help="ZeroMQ address to bind")
-    parser.add_argument("--register", action="append", help="register to ask (status)")
-    parser.add_argument("--json", action="store_true", help="status as one JSON document")
-    parser.add_argument("--curve-key", help=f"cluster secret key file (default ${curve.ENV_KEY})")
+
+def parser() -> cli.Parser:
+    """The command line: subcommands ``run`` (the default), ``status`` and ``keys``,
+    each with only its own options."""
+    top = cli.Parser(
+        prog="python -m register",
+        description="The cluster's register (discovery). With no subcommand: run. "
+        "`python -m register SUBCOMMAND --help` lists a subcommand's options.",
+    )
+    sub = top.add_subparsers(dest="command", metavar="{run,status,keys}")
+
+    run = sub.add_parser(
+        "run", help="run a register (the default)", description="Run a register until SIGTERM."
+    )
+    run.add_argument(
+        "--bind",
+        default=protocol.DEFAULT_ADDRESS,
+        type=cli.zmq_address(bind=True),
+        metavar="ADDR",
+        help="ZeroMQ address to bind, where gateways and workers reach it "
+        "(default: %(default)s; beyond loopback every member needs the cluster key)",
+    )
+    _key_options(run)
+    run.add_link_timeout()
+    run.add_log_level()
+
+    status = sub.add_parser(
+        "status",
+        help="print a live register's table: gateways, connections, workers",
+        description="Ask a live register for its table and print it.",
+    )
+    status.add_argument(
+        "--register",
+        action="append",
+        type=cli.zmq_address(),
+        metavar="ADDR",
+        help=f"register to ask, repeatable: the first that answers is shown "
+        f"(default: ${ENV_REGISTER}, else {protocol.DEFAULT_ADDRESS})",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument(
+        "--timeout",
+        type=cli.positive_float,
+        default=3.0,
+        metavar="S",
+        help="seconds to wait for each register's answer (default: %(default)g)",
+    )
+    _key_options(status, made=False)
+    status.add_log_level()
+
+    keys = sub.add_parser(
+        "keys",
+        help="make a new cluster key (CURVE keypair) to copy to every machine",
+        description="Write a new cluster keypair: DIR/cluster.key_secret (mode 600, copy it "
+        "to every machine) and DIR/cluster.key (public).",
+    )
+    keys.add_argument(
+        "--out",
+        default="keys",
+        metavar="DIR",
+        help="folder for the new key files, made if missing; it must not hold a "
+        "cluster key already (default: %(default)s)",
+    )
+    return top
+
+
+def _misplaced(top: cli.Parser, command: str, extra: list[str]) -> None:
+    """Report unknown arguments, naming the subcommand they belong to, if any."""
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    hint = ""
+    for name, sub in subs.choices.items():
+        known = {o for a in sub._actions for o in a.option_strings}
+        if name != command and any(e.split("=")[0] in known for e in extra):
+            hint = f": {'they belong' if len(extra) > 1 else 'it belongs'} to `{sub.prog}`"
+            break
+    subs.choices[command].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
+def _key_options(parser: cli.Parser, made: bool = True) -> None:
+    default = f"${curve.ENV_KEY}, else {curve.default_file()}"
+    parser.add_argument(
+        "--curve-key",
+        metavar="FILE",
+        help=f"the cluster's secret key file (default: {default}"
+        + (", made at the first start)" if made else ")"),
+    )
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="plain links, no key: any local account can join (a WARNING at start)",
+        help="plain links, no key: any local account can join (a WARNING at start)"
+        if made
+        else "ask a register started --insecure (plain link, no key)",
     )
-    parser.add_argument("--out", default="keys", help="folder for new keys (keys)")
-    parser.add_argument(
-        "--link-timeout",
-        type=float,
-        default=None,
-        help=f"seconds a silent internal link is waited for before its peer is taken for "
-        f"gone (${links.ENV_LINK_TIMEOUT}, default {links.LINK_TIMEOUT:g})",
-    )
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logs.setup(args.log_level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "run")  # `python -m register --bind ...` runs one
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra:
+        _misplaced(top, args.command, extra)
     if args.command == "keys":
-        secret = curve.generate(args.out)
+        secret = curve.generate(args.out, fresh=True)
         print(f"secret key (copy to every machine, keep private): {secret}")
         print(f"public key: {secret.with_suffix('.key')}")
         print(f"use: --curve-key {secret}   or   {curve.ENV_KEY}={secret}")
         return 0
+    logs.setup(args.log_level)
+    if args.curve_key and args.insecure:
+        raise cli.OperatorError("give --curve-key or --insecure, not both", cli.USAGE)
     if args.command == "status":
         keys = curve.for_process(args.curve_key, insecure=args.insecure, create=False)
-        address = register_addresses(args.register)[0]
-        return uvloop.run(_status(address, args.json, keys))
+        addresses = register_addresses(args.register)
+        return uvloop.run(_status(addresses, args.json, keys, args.timeout))
     keys = curve.for_process(args.curve_key, insecure=args.insecure)
     code = uvloop.run(_run(args.bind, keys, links.link_timeout(args.link_timeout)))
     # Flush what ZeroMQ still has queued (last replies, goodbyes) before exiting.
@@ -66,8 +153,20 @@ async def _run(bind: str, keys: curve.Keys | None, link_timeout: float) -> int:
     return 1 if register.failed else 0
 
 
-async def _status(address: str, as_json: bool, keys: curve.Keys | None) -> int:
-    status = await fetch_status(address, keys=keys)
+async def _status(
+    addresses: list[str], as_json: bool, keys: curve.Keys | None, timeout: float
+) -> int:
+    for address in addresses:
+        try:
+            status = await fetch_status(address, timeout=timeout, keys=keys)
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise cli.OperatorError(
+            f"no answer from {', '.join(addresses)} within {timeout:g} s: is the register "
+            f"running (deploy/ctl status), and with this cluster's key?"
+        )
     if as_json:
         print(json.dumps(status))
         return 0

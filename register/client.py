@@ -21,7 +21,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from chatcluster import auth, links
-from chatcluster.cli import OperatorError
+from chatcluster.cli import USAGE, OperatorError, zmq_address_error
 from chatcluster.keys import Keys
 from register import protocol
 
@@ -36,11 +36,20 @@ SILENCE_REPEAT = 30.0
 
 
 def register_addresses(given: Sequence[str] | None) -> list[str]:
-    """The --register options, else $CHAT_REGISTER, else the default address."""
+    """The --register options, else $CHAT_REGISTER, else the default address.
+
+    An address in $CHAT_REGISTER that is none is a usage error (the options are
+    checked by the parser).
+    """
     if given:
         return list(given)
     env = os.environ.get(ENV_REGISTER, "")
-    return [a.strip() for a in env.split(",") if a.strip()] or [protocol.DEFAULT_ADDRESS]
+    addresses = [a.strip() for a in env.split(",") if a.strip()]
+    for address in addresses:
+        why = zmq_address_error(address)
+        if why is not None:
+            raise OperatorError(f"${ENV_REGISTER}: {why} (comma-separated)", USAGE)
+    return addresses or [protocol.DEFAULT_ADDRESS]
 
 
 class RegisterClient:
@@ -163,8 +172,8 @@ class RegisterClient:
                 sock.send(frame, zmq.NOBLOCK)
 
 
-class RegisterUnreachable(OperatorError, TimeoutError):
-    """No answer from a register, or it refused us (the message says which)."""
+class RegisterRefuses(OperatorError):
+    """A register refused our handshake (the message says why)."""
 
 
 async def fetch_status(
@@ -197,11 +206,8 @@ async def fetch_status(
                     parse_monitor_message(await monitor.recv_multipart()), keys is not None
                 )
                 if why is not None:
-                    raise RegisterUnreachable(f"register {address} refuses us: {why}")
-        raise RegisterUnreachable(
-            f"no answer from register {address} within {timeout:.0f} s (is it running? "
-            f"give its address with --register or ${ENV_REGISTER})"
-        )
+                    raise RegisterRefuses(f"register {address} refuses us: {why}")
+        raise TimeoutError(f"no answer from register {address} within {timeout:g} s")
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)

@@ -15,6 +15,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from chatcluster import auth, links
+from chatcluster.cli import zmq_failure
 from chatcluster.keys import Keys, check_exposure
 from chatcluster.logs import Throttle, held_back
 from register import protocol
@@ -68,7 +69,16 @@ class Register:
         if self.keys is not None:
             self.keys.server(sock)
         monitor = sock.get_monitor_socket(auth.HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
-        sock.bind(self.bind)
+        try:
+            sock.bind(self.bind)
+        except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
+            hint = "another program, perhaps a register, holds it: stop it or give another --bind"
+            raise zmq_failure(exc, "bind", self.bind, hint) from exc
         self.sock = zmq.Socket.shadow(sock.underlying)
         log.info(
             "register listening bind=%s id=%s curve=%s pid=%d",

@@ -6,21 +6,29 @@ import argparse
 import logging
 import sys
 
+from chatcluster import cli
+from chatcluster.logs import FORMAT
 from web.server import serve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line."""
-    parser = argparse.ArgumentParser(
+    """Parse the command line; a bad value is one line and exit 2."""
+    parser = cli.Parser(
         prog="python -m web", description="Serve the chat page (static files only)."
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     parser.add_argument(
-        "--port", type=int, default=55151, help="port to bind, 0 for any free port (default 55151)"
+        "--host", default="0.0.0.0", help="address to bind (default: %(default)s, every interface)"
+    )
+    parser.add_argument(
+        "--port",
+        type=cli.port_number,
+        default=55151,
+        help="port to bind, 0 for any free port (default: %(default)s)",
     )
     parser.add_argument(
         "--ws-url",
         default=None,
+        metavar="URL",
         help="WebSocket URL the page connects to, e.g. ws://chat.example:7272 "
         "(default: ws://<the page's host>:7272; a ?ws= page parameter overrides both)",
     )
@@ -37,17 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     """Configure logging and run the server until SIGTERM/SIGINT."""
     args = parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.INFO, format=FORMAT, stream=sys.stderr
     )
-    try:
-        serve(args.host, args.port, args.ws_url)
-    except OSError as exc:
-        logging.getLogger("web").error("cannot listen on %s:%s: %s", args.host, args.port, exc)
-        return 1
+    serve(args.host, args.port, args.ws_url)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "web")

@@ -12,6 +12,7 @@ thread per connection is plenty, and SIGTERM/SIGINT stop it cleanly.
 from __future__ import annotations
 
 import email.utils
+import errno
 import hashlib
 import json
 import logging
@@ -24,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from urllib.parse import unquote, urlsplit
+
+from chatcluster.cli import OperatorError, os_reason
 
 log = logging.getLogger("web")
 
@@ -55,6 +58,9 @@ SECURITY_HEADERS: dict[str, str] = {
 }
 
 ALLOWED_METHODS = "GET, HEAD"
+
+WILDCARDS: dict[str, str] = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+"""Addresses of every interface, and the loopback address to open instead."""
 
 
 @dataclass(frozen=True)
@@ -244,16 +250,32 @@ class ChatWebServer(ThreadingHTTPServer):
         log.debug("error while serving %s", client_address, exc_info=True)
 
     @property
+    def every_interface(self) -> bool:
+        """True when bound to every interface (0.0.0.0 or ::)."""
+        return self.server_address[0] in WILDCARDS
+
+    @property
     def url(self) -> str:
-        """The base URL the server listens on."""
+        """The base URL to open: this machine's loopback when bound to every interface
+        (http://0.0.0.0:... is no address to give a browser)."""
         host, port = self.server_address[:2]
+        host = WILDCARDS.get(host, host)
         shown = f"[{host}]" if ":" in str(host) else host
         return f"http://{shown}:{port}/"
 
 
 def serve(host: str, port: int, ws_url: str | None) -> None:
-    """Run the server until SIGTERM or SIGINT, then stop it cleanly."""
-    server = ChatWebServer(host, port, ws_url)
+    """Run the server until SIGTERM or SIGINT, then stop it cleanly.
+
+    A port or address it cannot have is an OperatorError (one line, exit 1).
+    """
+    try:
+        server = ChatWebServer(host, port, ws_url)
+    except OSError as exc:
+        why = os_reason(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another page server? stop it or give another --port)"
+        raise OperatorError(f"cannot listen on {host}:{port}: {why}") from exc
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -264,7 +286,12 @@ def serve(host: str, port: int, ws_url: str | None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
-    log.info("serving %s on %s (ws url: %s)", server.root, server.url, ws_url or "page default")
+    bound = ""
+    if server.every_interface:
+        bound = f"; bound to every interface, {server.server_address[0]}:{server.server_address[1]}"
+    log.info(
+        "serving %s on %s (ws url: %s%s)", server.root, server.url, ws_url or "page default", bound
+    )
     try:
         while not stop.wait(1.0):
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
 import os
 import socket
@@ -68,22 +69,43 @@ def wait_linked(host: str, pid: int, timeout: float) -> float:
     raise TimeoutError(f"worker pid {pid} not linked to every gateway within {timeout:.0f} s")
 
 
+def supervisor_rpc(login: str) -> Any:
+    """supervisord's ``supervisor.*`` XML-RPC interface, through the control socket and
+    login that deploy/run wrote into ``login`` (supervisorctl's configuration)."""
+    config = configparser.RawConfigParser()
+    if not config.read(login):
+        raise OSError(f"cannot read {login}")
+    ctl = config["supervisorctl"]
+    transport = SupervisorTransport(ctl.get("username"), ctl.get("password"), ctl["serverurl"])
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy/reload-workers", description=__doc__)
-    parser.add_argument("--socket", required=True, help="supervisord control socket")
-    parser.add_argument("--group", default="worker", help="supervisor group of the workers")
     parser.add_argument(
-        "--timeout", type=float, default=60, help="seconds for each worker to link again"
+        "--login",
+        required=True,
+        metavar="FILE",
+        help="the control socket's login that deploy/run wrote (RUN_DIR/ROLE.login)",
+    )
+    parser.add_argument(
+        "--group",
+        default="worker",
+        help="supervisor group of the workers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60,
+        metavar="S",
+        help="seconds for each worker to link again (default: %(default)g)",
     )
     args = parser.parse_args(argv)
-    server = xmlrpc.client.ServerProxy(
-        "http://127.0.0.1", transport=SupervisorTransport(None, None, f"unix://{args.socket}")
-    )
-    rpc = server.supervisor
     try:
+        rpc = supervisor_rpc(args.login)
         procs = [p for p in rpc.getAllProcessInfo() if p["group"] == args.group]
-    except OSError as exc:
-        log(f"cannot reach supervisord at {args.socket}: {exc}")
+    except (OSError, KeyError, xmlrpc.client.ProtocolError) as exc:
+        log(f"cannot reach supervisord with {args.login}: {exc}")
         return 1
     if not procs:
         log(f"no program group {args.group!r} in this supervisord")

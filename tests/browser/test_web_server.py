@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.kit import WebServer, start_web, stop_web
-from web.server import STATIC_ROOT, resolve_static
+from web.server import STATIC_ROOT, ChatWebServer, resolve_static
 
 WS_URL = "ws://127.0.0.1:1"
 
@@ -192,3 +192,20 @@ def test_stops_cleanly_on_signals(tmp_path: Path, signum: signal.Signals) -> Non
 def test_rejects_a_bad_ws_url(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="must start with ws://"):
         start_web("http://127.0.0.1:7272", tmp_path / "web.log")
+
+
+@pytest.mark.parametrize(
+    ("bound", "url"),
+    [
+        (("0.0.0.0", 55151), "http://127.0.0.1:55151/"),
+        (("::", 55151, 0, 0), "http://[::1]:55151/"),
+        (("127.0.0.2", 8080), "http://127.0.0.2:8080/"),
+    ],
+)
+def test_the_logged_url_is_one_to_open(bound: tuple, url: str) -> None:
+    """Bound to every interface, the server gives this machine's loopback URL, not
+    http://0.0.0.0:... (no socket is bound here: only the URL is computed)."""
+    server = ChatWebServer.__new__(ChatWebServer)
+    server.server_address = bound
+    assert server.url == url
+    assert server.every_interface == (bound[0] in ("0.0.0.0", "::"))

@@ -9,6 +9,7 @@ the root namespace.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import re
@@ -62,21 +63,25 @@ class Supervised:
         self.settings = {
             "CHAT_RUN_DIR": str(self.dir / "run"),
             "CHAT_LOG_DIR": str(self.dir / "log"),
-            # The default key of this "machine", instead of the account's.
-            "CHAT_STATE_DIR": str(self.dir / "state"),
+            # the default cluster key, made by the first program: never the real home's
+            curve.ENV_STATE: str(self.dir / "state"),
             **{k: str(v) for k, v in settings.items()},
         }
         self.config = self.dir / "chat.env"
         self.config.write_text("".join(f"{k}='{v}'\n" for k, v in self.settings.items()))
-        self.socket = self.dir / "run" / f"{role_name(role)}.sock"
+        run_dir = Path(self.settings["CHAT_RUN_DIR"])
+        self.socket = run_dir / f"{role_name(role)}.sock"
+        self.login = run_dir / f"{role_name(role)}.login"
+        """the control socket's login, which deploy/run writes at each start"""
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
     def keys(self) -> curve.Keys | None:
-        """The cluster key this host's programs use (None before the first start made it)."""
-        if self.settings.get("CHAT_INSECURE") == "1":
-            return None
-        given = self.settings.get(curve.ENV_KEY)
-        path = Path(given) if given else Path(self.settings[curve.ENV_STATE]) / curve.KEY_NAME
+        """The cluster key its programs run with (None before the first made it)."""
+        path = Path(
+            self.settings.get(curve.ENV_KEY)
+            or Path(self.settings[curve.ENV_STATE]) / curve.KEY_NAME
+        )
         return curve.load(path) if path.exists() else None
 
     # Commands, optionally inside the namespace
@@ -100,12 +105,14 @@ class Supervised:
 
     # Lifecycle
 
-    def start(self) -> Supervised:
+    def start(self, *command: str, **env: str) -> Supervised:
+        """Run ``command`` (default ``deploy/run ROLE -n``) with the settings and ``env``;
+        return once the control socket exists."""
         out = open(self.dir / "supervisord.out", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [*self.prefix(), str(DEPLOY / "run"), self.role, "-n"],
+            [*self.prefix(), *(command or (str(DEPLOY / "run"), self.role, "-n"))],
             cwd=ROOT,
-            env=self.env(),
+            env={**self.env(), **env},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -120,11 +127,15 @@ class Supervised:
 
     @property
     def rpc(self) -> Any:
-        """supervisord's XML-RPC interface (``supervisor.*``), over the control socket.
-        A new connection each time, so threads never share one."""
+        """supervisord's XML-RPC interface (``supervisor.*``), over the control socket
+        with the login deploy/run made. A new connection each time, so threads never
+        share one."""
+        config = configparser.RawConfigParser()
+        config.read(self.login)
+        ctl = config["supervisorctl"]
         proxy = xmlrpc.client.ServerProxy(
             "http://127.0.0.1",
-            transport=SupervisorTransport(None, None, f"unix://{self.socket}"),
+            transport=SupervisorTransport(ctl["username"], ctl["password"], ctl["serverurl"]),
         )
         return proxy.supervisor
 
@@ -200,9 +211,9 @@ def status_in(host: Supervised) -> dict[str, Any] | None:
     return json.loads(run.stdout) if run.returncode == 0 else None
 
 
-def local_status(register: str, host: Supervised) -> dict[str, Any] | None:
-    """The register's table, asked from here with ``host``'s cluster key."""
-    return register_status(register, timeout=2.0, keys=host.keys())
+def local_status(register: str, keys: curve.Keys | None) -> dict[str, Any] | None:
+    """The register's table, asked from this process with the cluster key."""
+    return register_status(register, timeout=2.0, keys=keys)
 
 
 def mesh(status: dict[str, Any] | None, gateways: int, workers: int) -> bool:

@@ -1,13 +1,16 @@
 """The supervisor configurations and the launcher, without starting a cluster (a few seconds).
 
-`make run`'s deploy/supervisord.conf must parse with no setting in the environment; the
-role configurations take their counts from the settings; deploy/bin/program turns the
-settings into the programs' options; deploy/run refuses bad settings before starting.
+`make run` is `CHAT_FOREGROUND=1 deploy/run all`, whose configuration (settings from
+deploy/cluster.env alone) sends every log to stdout; the role configurations take their
+counts from the settings; deploy/bin/program turns the settings into the programs'
+options; deploy/run refuses bad settings before starting.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +29,10 @@ o = ServerOptions()
 o.realize(args=["-c", sys.argv[1]])
 print(json.dumps({
     "nodaemon": o.nodaemon, "minfds": o.minfds, "logfile": o.logfile,
+    "loglevel": o.loglevel, "uid": o.uid, "warnings": o.parse_warnings,
     "socket": o.server_configs[0]["file"],
+    "username": o.server_configs[0]["username"],
+    "password": o.server_configs[0]["password"],
     "programs": {p.name: {
         "group": g.name, "command": p.command, "log": p.stdout_logfile,
         "stopwaitsecs": p.stopwaitsecs, "stopasgroup": p.stopasgroup,
@@ -60,9 +66,36 @@ def check_program_basics(programs: dict) -> None:
         assert Path(p["directory"]).resolve() == ROOT, name
 
 
-def test_make_run_conf_parses_without_any_setting() -> None:
-    (ROOT / "run").mkdir(exist_ok=True)  # as `make run` does
-    conf = parse(DEPLOY / "supervisord.conf")
+def test_make_run_is_deploy_run_all_in_the_foreground() -> None:
+    run = subprocess.run(
+        ["make", "-s", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "CHAT_FOREGROUND=1 deploy/run all"
+
+
+# What deploy/run does before it starts supervisord, then supervisor's own parsing.
+LAUNCH = """
+. deploy/lib/config.sh
+chat_load_config
+chat_roles all
+mkdir -p "$CHAT_RUN_DIR"
+chat_write_login
+exec "$CHAT_PYTHON" -c "$1" deploy/supervisor/roles.conf
+"""
+
+
+def test_make_run_conf_takes_only_the_default_settings(tmp_path: Path) -> None:
+    run = subprocess.run(
+        ["bash", "-c", LAUNCH, "launch", PARSE],
+        cwd=ROOT,
+        env=clean_env(CHAT_FOREGROUND="1", CHAT_RUN_DIR=str(tmp_path / "run")),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    conf = json.loads(run.stdout)
     programs = conf["programs"]
     assert sorted(programs) == [
         "gateway0",
@@ -77,8 +110,18 @@ def test_make_run_conf_parses_without_any_setting() -> None:
     check_program_basics(programs)
     assert {p["log"] for p in programs.values()} == {"/dev/stdout"}
     assert conf["nodaemon"] is True
+    assert conf["loglevel"] == 30  # warn: only what needs attention on stdout
+    assert conf["warnings"] == []
     assert conf["minfds"] <= 20000  # more and supervisord refuses to start here
-    assert len(conf["socket"]) < 100
+    assert conf["socket"] == f"{tmp_path}/run/all.sock"
+    # No CRIT at start: supervisord runs as the account that starts it ...
+    assert conf["uid"] == os.getuid()
+    # ... and its control socket has a login, made at this start, readable by it alone.
+    login = tmp_path / "run" / "all.login"
+    assert login.stat().st_mode & 0o777 == 0o600
+    assert conf["username"] == "chat" and len(conf["password"]) == 32
+    assert f"password={conf['password']}" in login.read_text()
+    assert f"serverurl=unix://{tmp_path}/run/all.sock" in login.read_text()
 
 
 @pytest.mark.parametrize(
@@ -111,6 +154,7 @@ def test_role_confs_take_counts_and_log_dir_from_the_settings(
         CHAT_ROLE_FILES=files,
         CHAT_RUN_DIR=str(tmp_path),
         CHAT_LOG_DIR=str(tmp_path),
+        CHAT_USER=getpass.getuser(),
         CHAT_GATEWAYS="3",
         CHAT_WORKERS="5",
         CHAT_GATEWAY_STOPWAIT="41",
@@ -224,9 +268,9 @@ def test_run_refuses_bad_settings_before_starting(settings: dict, message: str) 
 
 
 def test_run_and_ctl_explain_their_usage() -> None:
-    for command in ("run", "ctl"):
+    for command, usage in (("run", "deploy/run ROLE"), ("ctl", "deploy/ctl [ROLE]")):
         run = subprocess.run([str(DEPLOY / command)], capture_output=True, text=True, timeout=10)
         assert run.returncode == 2
-        assert f"deploy/{command} ROLE" in run.stderr
+        assert usage in run.stderr
     run = subprocess.run([str(DEPLOY / "run"), "bogus"], capture_output=True, text=True, timeout=10)
     assert run.returncode == 2 and "unknown role 'bogus'" in run.stderr

@@ -45,7 +45,7 @@ class OneMachine:
         return f"ws://127.0.0.1:{self.port}/"
 
     def status(self) -> dict[str, Any] | None:
-        return local_status(self.register, self.sup)
+        return local_status(self.register, self.sup.keys)
 
     def wait_mesh(self, gateways: int | None = None, workers: int | None = None) -> dict:
         return wait_mesh(
@@ -211,7 +211,7 @@ async def test_register_down_10s_chat_goes_on_and_newcomers_join_when_it_is_back
             down = time.monotonic()
             assert m.status() is None
             # A new gateway host and a new worker host start while it is down.
-            # Same machine, same account: the same default key.
+            # (this machine's account: the same default cluster key)
             common = {
                 "CHAT_REGISTER": m.register,
                 "CHAT_STATE_DIR": m.sup.settings["CHAT_STATE_DIR"],
