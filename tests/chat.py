@@ -38,7 +38,10 @@ class ChatClient:
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         if self._later:
             return self._later.popleft()
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+        # races with a frame, and the cancelled reader then reads on.
+        async with asyncio.timeout(timeout):
+            raw = await self.ws.recv()
         self.frames.append(raw)
         message = json.loads(raw)
         self.received.append(message)
@@ -78,7 +81,8 @@ class ChatClient:
     async def quiet(self, timeout: float = 0.3) -> None:
         """Assert that nothing more arrives within ``timeout``."""
         try:
-            extra = await asyncio.wait_for(self.ws.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                extra = await self.ws.recv()
         except TimeoutError:
             return
         raise AssertionError(f"unexpected frame {extra!r}")
@@ -87,7 +91,8 @@ class ChatClient:
         """Wait until the server closes us; return (code, reason)."""
         try:
             while True:
-                await asyncio.wait_for(self.ws.recv(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.ws.recv()
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
             return (rcvd.code, rcvd.reason) if rcvd else (None, None)

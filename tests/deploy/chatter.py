@@ -38,6 +38,10 @@ class Member:
     """close codes this round (each one followed by a reconnect)"""
     errors: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    rejoining: bool = False
+    """closed, and not logged in again yet"""
+    attempts: list[str] = field(default_factory=list)
+    """why each try to log in again failed, and what it had received"""
 
     async def join(self) -> None:
         self.client = await ChatClient.open(self.url)
@@ -64,11 +68,15 @@ class Member:
                 self.errors.append(f"{self.name} got {message}")
 
     async def _rejoin(self) -> None:
+        self.rejoining = True
         for attempt in range(60):
             try:
                 await self.join()
+                self.rejoining = False
                 return
-            except (OSError, ConnectionClosed, TimeoutError, AssertionError):
+            except (OSError, ConnectionClosed, TimeoutError, AssertionError) as exc:
+                seen = self.client.received[-3:] if self.client is not None else []
+                self.attempts.append(f"{exc!r} after {seen}")
                 await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
         raise AssertionError(f"{self.name} could not log in again")
 
@@ -111,13 +119,12 @@ class Room:
         self.senders = eligible[: self.count]
 
     async def close(self) -> None:
-        for member in self.members:
-            if member.task is not None:
-                member.task.cancel()
-        await asyncio.gather(*(m.task for m in self.members if m.task), return_exceptions=True)
-        for member in self.members:
-            if member.client is not None:
-                await member.client.ws.close()
+        tasks = [m.task for m in self.members if m.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        clients = [m.client for m in self.members if m.client is not None]
+        await asyncio.gather(*(c.ws.close() for c in clients), return_exceptions=True)
 
     def start(self) -> None:
         """Begin a round: the senders say numbered lines until ``end``."""
@@ -145,6 +152,17 @@ class Room:
         self._stop.set()
         assert self._saying is not None
         await self._saying
+        # Whoever was closed logs in again before the markers go: a marker said while
+        # a member was away is not one it can hear.
+        deadline = time.monotonic() + timeout
+        while any(m.rejoining for m in self.members):
+            away = [m for m in self.members if m.rejoining]
+            assert time.monotonic() < deadline, "not logged in again: " + ", ".join(
+                f"{m.name} closes={m.closes} attempts={m.attempts[-3:]} "
+                + f"now={m.client.received[-3:] if m.client else None}"
+                for m in away[:5]
+            )
+            await asyncio.sleep(0.05)
         for sender in self.senders:
             assert sender.client is not None
             await sender.client.say(f"{sender.name} {END}")
@@ -166,8 +184,13 @@ class Room:
             )
 
         while not all(done(m) for m in self.members):
-            late = [m.name for m in self.members if not done(m)]
-            assert time.monotonic() < deadline, f"markers not heard by {late[:5]}"
+            late = [m for m in self.members if not done(m)]
+            assert time.monotonic() < deadline, f"markers not heard by {len(late)}: " + ", ".join(
+                f"{m.name} uid={m.uid} closes={m.closes} heard={sorted(m.heard)} "
+                f"listening={m.task is not None and not m.task.done()}"
+                + (f" failed={m.task.exception()!r}" if m.task and m.task.done() else "")
+                for m in late[:5]
+            )
             await asyncio.sleep(0.05)
 
     def _count(self) -> Round:

@@ -79,7 +79,7 @@ LAUNCH = """
 . deploy/lib/config.sh
 chat_load_config
 chat_roles all
-mkdir -p "$CHAT_RUN_DIR"
+mkdir -p "$CHAT_RUN_DIR" "$CHAT_LOG_DIR"
 chat_write_login
 exec "$CHAT_PYTHON" -c "$1" deploy/supervisor/roles.conf
 """
@@ -89,7 +89,11 @@ def test_make_run_conf_takes_only_the_default_settings(tmp_path: Path) -> None:
     run = subprocess.run(
         ["bash", "-c", LAUNCH, "launch", PARSE],
         cwd=ROOT,
-        env=clean_env(CHAT_FOREGROUND="1", CHAT_RUN_DIR=str(tmp_path / "run")),
+        env=clean_env(
+            CHAT_FOREGROUND="1",
+            CHAT_RUN_DIR=str(tmp_path / "run"),
+            CHAT_LOG_DIR=str(tmp_path / "logs"),
+        ),
         capture_output=True,
         text=True,
         timeout=30,

@@ -11,6 +11,7 @@ was logged out twice. Each round is decided by markers, not by time.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -91,9 +92,9 @@ async def test_pauses_and_kills_lose_nothing_and_run_nothing_twice() -> None:
                 assert not room.errors(), room.errors()[:5]
                 assert (result.lost, result.duplicated, result.out_of_order) == (0, 0, 0), name
                 assert result.reconnected == (on_victim if "gateway" in name else 0), name
-                await room.assert_rosters_true()
+                await asyncio.wait_for(room.assert_rosters_true(), 60)
                 assert not room.logged_out_twice(), name
         finally:
-            await room.close()
+            await asyncio.wait_for(room.close(), 60)
             for name, result in results.items():
                 print(f"{name}: {result}")
