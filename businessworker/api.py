@@ -50,6 +50,7 @@ __all__ = [
     "is_online",
     "is_uid_online",
     "join_group",
+    "keep_history",
     "leave_group",
     "send_to_all",
     "send_to_client",
@@ -142,9 +143,67 @@ def send_to_all(data: Any, *, exclude: Iterable[int] | None = None) -> None:
 def send_to_group(
     group: str | Iterable[str], data: Any, *, exclude: Iterable[int] | None = None
 ) -> None:
-    """Send to every member of a group (or of several, each client once)."""
+    """Send to every member of a group (or of several, each client once).
+
+    A group that keeps history (``keep_history``) gets the message through the
+    stream register: in one order for every member, kept for members who come
+    back. Sent to several groups at once, a member of a history group and of
+    another gets it once from each.
+    """
     groups = [_key(group)] if isinstance(group, str | int) else [_key(g) for g in group]
-    _cluster().broadcast(gw.encode_send_group(groups, encode(data), _ids(exclude)), _run())
+    payload = encode(data)
+    excluded = _ids(exclude)
+    plain = []
+    for name in groups:
+        bounds = history_of(name)
+        if bounds is None:
+            plain.append(name)
+        else:
+            _publish(name, payload, excluded, bounds)
+    if plain:
+        _cluster().broadcast(gw.encode_send_group(plain, payload, excluded), _run())
+
+
+_history: dict[str, tuple[int, float]] = {}
+"""group name, or prefix ending in ``*`` -> (count, seconds)"""
+
+
+def keep_history(group: str, *, count: int = 200, seconds: float = 300.0) -> None:
+    """Make a group (or every group whose name starts so, with a trailing ``*``) keep
+    its last ``count`` messages for ``seconds``, in one order for all its members.
+
+    Call it at import time or in ``on_worker_start``, the same on every worker.
+    Members who join with ``since`` then get positions, and what they missed.
+    """
+    if count < 1 or seconds <= 0:
+        raise ValueError("keep_history needs count >= 1 and seconds > 0")
+    _history[_key(group)] = (int(count), float(seconds))
+
+
+def history_of(group: str) -> tuple[int, float] | None:
+    """The (count, seconds) a group keeps, or None if it keeps no history."""
+    if not _history:
+        return None
+    bounds = _history.get(group)
+    if bounds is not None:
+        return bounds
+    for pattern, found in _history.items():
+        if pattern.endswith("*") and group.startswith(pattern[:-1]):
+            return found
+    return None
+
+
+def _publish(group: str, payload: Any, exclude: list[int], bounds: tuple[int, float]) -> None:
+    """Hand a history group's message to one gateway: the event's own, else any."""
+    run = _run()
+    link = run.link
+    cluster = _cluster()
+    if link is None or link not in cluster.all():
+        links = cluster.all()
+        if not links:
+            return
+        link = links[0]
+    link.send_frame(gw.encode_publish_group(group, payload, exclude, *bounds), run)
 
 
 def send_to_uid(uid: str | int | Iterable[str | int], data: Any) -> None:
@@ -164,18 +223,48 @@ def close_client(client_id: int, data: Any = None, *, code: int = 1000) -> None:
 # Groups and uids
 
 
-def join_group(client_id: int, group: str | int, *, hold: bool = False) -> Awaitable[bool]:
+def join_group(
+    client_id: int,
+    group: str | int,
+    *,
+    hold: bool = False,
+    since: tuple[str, int] | list[Any] | None = None,
+) -> Awaitable[Any]:
     """Add a client to a group; await the result to know the join is done (False: offline).
 
     With ``hold=True`` the client's gateway holds back group and broadcast
     messages for it until the next message sent to it directly (for instance a
     snapshot of the group's members), so that the snapshot always comes first.
+
+    For a history group, ``since`` opts the client in to positions: every
+    message of the group then reaches it with ``"epoch"`` and ``"offset"``
+    added (JSON objects). ``since=()`` starts from now; ``since=(epoch,
+    offset)``, what the client last saw, first replays everything after it, in
+    order, before any new message. The result is then a dict: ``recovered``
+    (False: some of it was gone, nothing was replayed, rebuild), ``missed``,
+    and the group's ``epoch`` and ``offset`` now.
     """
     _flush_session()
     link = _cluster().for_client(client_id)
     if link is None:
         return _done(False)
-    return link.join(int(client_id), _key(group), hold, _run())
+    name = _key(group)
+    position = None
+    if since is not None and history_of(name) is not None:
+        position = list(since)
+        if len(position) not in (0, 2):
+            raise ValueError("since is () or (epoch, offset)")
+    future = link.join(int(client_id), name, hold, _run(), position)
+    if position is None:
+        return future
+    return _as_recovery(future)
+
+
+async def _as_recovery(joined: Awaitable[Any]) -> Any:
+    result = await joined
+    if result is True:  # a repeat of a join already done: what was replayed is unknown
+        return {"recovered": False, "missed": 0, "epoch": "", "offset": 0}
+    return result
 
 
 def leave_group(client_id: int, group: str | int) -> None:

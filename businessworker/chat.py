@@ -10,8 +10,19 @@ Server -> client (uid = the client id):
     {"type":"logout","uid":U,"name":N,"time":T}
     {"type":"error","code":CODE,"message":TEXT}                 to the offender alone
 
+Continuity (an extension; a client that does not ask sees none of it):
+    {"type":"login",...,"resume":true}                     positions from now on
+    {"type":"login",...,"resume":{"epoch":E,"offset":K}}   and first what came after
+                                                           (E, K), the last seen
+Such a client's user_list also has "recovered" (false: some of what it missed
+is gone and none of it follows: start afresh), "missed" (how many room
+messages follow it as the replay) and "epoch"/"offset" (the room's position
+now); every room message it gets has "epoch" and "offset" too.
+
 Uses only the public API, like any application. Each room is the group
-"room:" + name; the default room has the empty name.
+"room:" + name; the default room has the empty name. Rooms keep their last
+HISTORY messages for HISTORY_SECONDS (``api.keep_history``), in one order for
+every member.
 """
 
 from __future__ import annotations
@@ -25,6 +36,10 @@ from businessworker import api
 
 MAX_NAME = 32
 MAX_CONTENT = 4096
+HISTORY = 200
+HISTORY_SECONDS = 300.0
+
+api.keep_history("room:*", count=HISTORY, seconds=HISTORY_SECONDS)
 
 
 class ChatError(Exception):
@@ -93,6 +108,7 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
         raise ChatError(
             "bad_field", f'field "room" must be a string of at most {MAX_NAME} characters'
         )
+    since = _since(request.get("resume"))
     session["name"] = name
     session["room"] = room
     session["since"] = time.time()
@@ -101,7 +117,7 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
         # Join first, holding the room's traffic back until the user_list below
         # is written: whoever logs in concurrently is then either in our list or
         # announced to us after it, whichever worker handles them.
-        await api.join_group(client_id, group, hold=True)
+        joined = await api.join_group(client_id, group, hold=True, since=since)
         members = await api.get_client_sessions_by_group(group)
     except (TimeoutError, ConnectionError):
         # Not half logged in: undo, and let the client try again.
@@ -115,7 +131,16 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
         (s.get("since", 0.0), uid, s["name"]) for uid, s in members.items() if "name" in s
     )
     users = ",".join([user_entry(uid, name) for _, uid, name in logged_in])
-    api.send_to_client(client_id, '{"type":"user_list","user_list":[' + users + "]}")
+    extra = ""
+    if since is not None and isinstance(joined, dict):
+        extra = (
+            ","
+            + json.dumps(
+                {k: joined[k] for k in ("recovered", "missed", "epoch", "offset")},
+                separators=(",", ":"),
+            )[1:-1]
+        )
+    api.send_to_client(client_id, '{"type":"user_list","user_list":[' + users + "]" + extra + "}")
     api.send_to_group(group, {"type": "login", "uid": client_id, "name": name, "time": now()})
 
 
@@ -157,6 +182,23 @@ async def say(client_id: int, request: dict[str, Any], session: dict[str, Any]) 
 
 
 @functools.lru_cache(maxsize=100_000)
+def _since(resume: Any) -> tuple[Any, ...] | None:
+    """The login's "resume": None (not asked), () (from now), or (epoch, offset)."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        return ()
+    if (
+        isinstance(resume, dict)
+        and isinstance(resume.get("epoch"), str)
+        and isinstance(resume.get("offset"), int)
+        and not isinstance(resume.get("offset"), bool)
+        and len(resume["epoch"]) <= 64
+    ):
+        return (resume["epoch"], resume["offset"])
+    raise ChatError("bad_field", 'field "resume" must be true or {"epoch":E,"offset":K}')
+
+
 def user_entry(uid: int, name: str) -> str:
     """One user_list entry as JSON. Cached: a login storm lists each member once per login."""
     return json.dumps({"uid": uid, "name": name}, separators=(",", ":"))

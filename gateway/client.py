@@ -67,6 +67,12 @@ def encode_send_group(groups: list[str], data: Data, exclude: list[int]) -> byte
     return p.pack([p.SEND_GROUP, groups, data, exclude])
 
 
+def encode_publish_group(
+    group: str, data: Data, exclude: list[int], count: int, seconds: float
+) -> bytes:
+    return p.pack([p.PUBLISH_GROUP, group, data, exclude, count, seconds])
+
+
 def encode_send_uid(uids: list[str], data: Data) -> bytes:
     return p.pack([p.SEND_UID, uids, data])
 
@@ -418,10 +424,16 @@ class GatewayLink:
             for batch in confirmed:
                 batch.done()
 
-    def join(self, client_id: int, group: str, hold: bool, run: Run) -> asyncio.Future[Any]:
+    def join(
+        self, client_id: int, group: str, hold: bool, run: Run, since: list[Any] | None = None
+    ) -> asyncio.Future[Any]:
+        """Join a client to a group; ``since`` (a history group): [] or [epoch, offset]."""
         req_id = next(self._req_ids)
         future = self._expect(req_id)
-        self.send_frame(p.pack([p.JOIN, client_id, group, hold, req_id]), run)
+        message = [p.JOIN, client_id, group, hold, req_id]
+        if since is not None:
+            message.append(since)
+        self.send_frame(p.pack(message), run)
         return future
 
     def query(self, kind: str, *args: Any) -> asyncio.Future[Any]:

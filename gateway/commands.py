@@ -19,6 +19,7 @@ from gateway.dedup import Seen
 if TYPE_CHECKING:
     from gateway.clients import ClientTable
     from gateway.connection import ClientConnection
+    from gateway.streams import StreamLink
     from gateway.workers import WorkerLink, WorkerPool
 
 log = logging.getLogger("gateway.commands")
@@ -41,8 +42,10 @@ class Commands:
         prefixes: Callable[[], list[int]] = list,
         on_declared_gone: Callable[[], None] = lambda: None,
         gateway_id: Callable[[], str] = str,
+        streams: StreamLink | None = None,
     ) -> None:
         self.clients = clients
+        self.streams = streams
         self.pool = pool
         self.prefixes = prefixes
         """this gateway's client id prefixes: events whose runs are counted in pool.effects"""
@@ -59,6 +62,7 @@ class Commands:
             p.SEND_GROUP: self._send_group,
             p.SEND_UID: self._send_uid,
             p.CLOSE: self._close,
+            p.PUBLISH_GROUP: self._publish_group,
             p.JOIN: self._join,
             p.LEAVE: self._leave,
             p.UNGROUP: self._ungroup,
@@ -266,21 +270,42 @@ class Commands:
 
     # Groups, uids, sessions
 
+    def _publish_group(self, worker_id: bytes, m: list[Any]) -> None:
+        if self.streams is not None:
+            self.streams.publish(m[1], m[2], m[3], m[4], m[5])
+
     def _join(self, worker_id: bytes, m: list[Any]) -> None:
         conn = self.clients.get(m[1])
-        if conn is not None:
-            self.clients.join(conn, m[2])
-            if m[3]:
-                conn.hold_until_direct()
-        if m[4] is not None:
-            self._reply(worker_id, m[4], conn is not None)
+        req_id = m[4]
+        since = m[5] if len(m) > 5 else None
+        if conn is None or since is None or self.streams is None:
+            if conn is not None:
+                self.clients.join(conn, m[2])
+                if m[3]:
+                    conn.hold_until_direct()
+            if req_id is not None:
+                self._reply(worker_id, req_id, conn is not None)
+            return
+        if m[3]:
+            conn.hold_until_direct()
+
+        def reply(result: Any) -> None:
+            if req_id is not None:
+                self._reply(worker_id, req_id, result)
+
+        self.streams.join(conn, m[2], since, reply)
 
     def _leave(self, worker_id: bytes, m: list[Any]) -> None:
         conn = self.clients.get(m[1])
         if conn is not None:
             self.clients.leave(conn, m[2])
+            if self.streams is not None:
+                self.streams.leave(conn, m[2])
 
     def _ungroup(self, worker_id: bytes, m: list[Any]) -> None:
+        if self.streams is not None:
+            for conn in self.clients.members(m[1]).values():
+                self.streams.leave(conn, m[1])
         self.clients.ungroup(m[1])
 
     def _bind_uid(self, worker_id: bytes, m: list[Any]) -> None:

@@ -33,7 +33,16 @@ Worker -> gateway
     [SEND_GROUP, [group, ...], data, [exclude, ...]]
     [SEND_UID, [uid, ...], data]
     [CLOSE, client_id, data | None, code]
+    [PUBLISH_GROUP, group, data, [exclude, ...], count, seconds]
+                                        a message for a history group: this gateway
+                                        hands it to the stream register, which orders
+                                        it, keeps the last ``count`` for ``seconds``
+                                        and sends it to every gateway (gateway.streams)
     [JOIN, client_id, group, hold, req_id]      answered with REPLY (True, or False if unknown)
+    [JOIN, client_id, group, hold, req_id, since]   a history group: the member gets
+                                        positions; ``since`` [epoch, offset] first
+                                        replays what it missed (or [] for none). REPLY:
+                                        {recovered, missed, epoch, offset}, or False
     [LEAVE, client_id, group]
     [UNGROUP, group]
     [BIND_UID, client_id, uid]
@@ -78,6 +87,7 @@ SEND_ALL = 11
 SEND_GROUP = 12
 SEND_UID = 13
 CLOSE = 14
+PUBLISH_GROUP = 15
 JOIN = 20
 LEAVE = 21
 UNGROUP = 22
@@ -100,7 +110,7 @@ RECEIPT = 113
 FENCED = 114
 
 EFFECTS = frozenset(
-    {SEND, SEND_ALL, SEND_GROUP, SEND_UID, CLOSE, JOIN, LEAVE, UNGROUP}
+    {SEND, SEND_ALL, SEND_GROUP, SEND_UID, CLOSE, PUBLISH_GROUP, JOIN, LEAVE, UNGROUP}
     | {BIND_UID, UNBIND_UID, SET_SESSION, UPDATE_SESSION}
 )
 """Commands that change something: each is carried out at most once per place in

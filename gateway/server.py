@@ -26,6 +26,7 @@ from gateway.clients import ClientTable
 from gateway.commands import Commands
 from gateway.connection import ClientConnection
 from gateway.ids import IdAllocator, fresh_prefix
+from gateway.streams import StreamLink
 from gateway.workers import WorkerPool
 from gateway.zmqreader import BatchReader
 from register import protocol as register_protocol
@@ -115,6 +116,7 @@ class Gateway:
             self.pool.event(conn, protocol.EVENT_MESSAGE, message)
 
     def closed(self, conn: ClientConnection) -> None:
+        self.streams.forget(conn)
         self.clients.remove(conn)
         self.pool.event(conn, protocol.EVENT_CLOSE)
 
@@ -176,12 +178,21 @@ class Gateway:
             flood_limit=self.config.flood_limit,
             on_sent=reader.sent,
         )
+        self.streams = StreamLink(
+            self.clients,
+            list(self.config.registers),
+            lambda: self.id,
+            ctx=self.ctx,
+            keys=self.config.keys,
+            link_timeout=self.config.link_timeout,
+        )
         self.commands = Commands(
             self.clients,
             self.pool,
             prefixes=lambda: self.ids.prefixes,
             on_declared_gone=self._declared_gone,
             gateway_id=lambda: self.id,
+            streams=self.streams,
         )
         self.register = RegisterClient(
             self.config.registers,
@@ -193,6 +204,7 @@ class Gateway:
         )
         tasks = [
             self._background(self.register.run()),
+            self._background(self.streams.run()),
             self._background(self._watch(monitor)),
             self._background(self._expire_workers()),
         ]
@@ -372,6 +384,7 @@ class Gateway:
         )
         self.pool.reset()
         for conn in conns:
+            self.streams.forget(conn)
             self.clients.remove(conn)
             conn.client_id = 0  # no close event: on_close ran already
             conn.close(1012, "gateway restarting, reconnect")

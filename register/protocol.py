@@ -20,6 +20,20 @@ noticing that it was gone.
                           [PONG, register_id]       heartbeat answer, nothing changed
     register -> status    [STATUS, {"gateways": [...], "workers": [...], ...}]
 
+Streams (``register.streams``; only the first register of the list sequences),
+on a gateway's own stream socket:
+
+    gateway -> register   [STREAMS, gateway_id]     on connect and every HEARTBEAT
+                          [PUBLISH, gateway_id, n, first, group, data, exclude, count,
+                                    seconds]        n counts the gateway's publishes from
+                                                    1; unconfirmed ones are sent again;
+                                                    first: its oldest unconfirmed one
+                          [FETCH, req, group, epoch, offset]
+    register -> gateway   [STREAM, epoch, group, offset, data, exclude, source, n]
+                                                    to every gateway, in the stream's order
+                          [FETCHED, req, group, epoch, last, [[offset, data, exclude,
+                                    source, n], ...] | None]   None: not recoverable
+
 A gateway entry is a dict: id, address, prefixes, started, pid, host,
 connections, workers. A worker entry: id, started, pid, host, app, gateways.
 ``settled`` tells a worker that the register has been up long enough to have
@@ -41,6 +55,11 @@ CONFLICT = "conflict"
 GATEWAYS = "gateways"
 PONG = "pong"
 GONE = "gone"
+STREAMS = "streams"
+PUBLISH = "publish"
+STREAM = "stream"
+FETCH = "fetch"
+FETCHED = "fetched"
 
 HEARTBEAT = 1.0
 """Seconds between two heartbeats of a gateway or worker."""

@@ -19,6 +19,7 @@ from chatcluster.cli import zmq_failure
 from chatcluster.keys import Keys, check_exposure
 from chatcluster.logs import Throttle, held_back
 from register import protocol
+from register.streams import Streams
 from register.table import Table
 
 log = logging.getLogger("register")
@@ -50,6 +51,9 @@ class Register:
         self.table = Table(expiry=protocol.EXPIRY, grace=protocol.LINK_GRACE)
         self.worker_routes: dict[str, bytes] = {}
         self.gateway_routes: dict[str, bytes] = {}
+        self.streams = Streams(self.id)
+        self.stream_routes: dict[str, bytes] = {}
+        """gateway id -> its stream socket's route: where every stream message goes"""
         self._pushed_version = -1
         self._was_settled = False
         self._refusals = Throttle()
@@ -130,6 +134,10 @@ class Register:
                 del self.worker_routes[wid]
             for gid in [g for g in self.gateway_routes if g not in self.table.gateways]:
                 del self.gateway_routes[gid]
+            for gid in [g for g in self.stream_routes if g not in self.table.gateways]:
+                del self.stream_routes[gid]  # it beats again if it lives
+                if gid in self.table.gone:
+                    self.streams.forget_gateway(gid)
             if self.settled and not self._was_settled:
                 self._was_settled = True
                 self._pushed_version = -1  # tell workers the table is now authoritative
@@ -196,10 +204,46 @@ class Register:
             self.table.forget(member)
             self.worker_routes.pop(member, None)
             self.gateway_routes.pop(member, None)
+        elif kind == protocol.PUBLISH:
+            self._publish(message, now)
+        elif kind == protocol.STREAMS:
+            gid = message[1]
+            if gid in self.table.gone:
+                return
+            if self.stream_routes.get(gid) != route:
+                log.debug("stream link gateway=%s", gid)
+            self.stream_routes[gid] = route
+            self._send(route, [protocol.STREAMS, self.streams.epoch])
+        elif kind == protocol.FETCH:
+            self._fetch(route, message, now)
         elif kind == protocol.STATUS:
             self._send(route, [protocol.STATUS, self.status()])
         else:
             raise ValueError(f"unknown message kind {kind!r}")
+
+    def _publish(self, m: list[Any], now: float) -> None:
+        source, n, first, group, data, exclude, count, seconds = m[1:9]
+        if source in self.table.gone:
+            return  # a gateway declared gone: what it still sends is not taken
+        entry = self.streams.publish(source, n, first, group, data, exclude, count, seconds, now)
+        if entry is None:
+            return
+        frame = protocol.pack(
+            [protocol.STREAM, self.streams.epoch, group, entry.offset, data, exclude, source, n]
+        )
+        for route in self.stream_routes.values():
+            self._send_frame(route, frame)
+
+    def _fetch(self, route: bytes, m: list[Any], now: float) -> None:
+        req, group, epoch, offset = m[1:5]
+        entries = self.streams.since(group, epoch, offset, now)
+        found = (
+            None
+            if entries is None
+            else [[e.offset, e.data, e.exclude, e.source, e.n] for e in entries]
+        )
+        last = self.streams.position(group)
+        self._send(route, [protocol.FETCHED, req, group, self.streams.epoch, last, found])
 
     def status(self) -> dict[str, Any]:
         return {
@@ -207,6 +251,7 @@ class Register:
             "uptime": round(time.monotonic() - self.started, 1),
             "gateways": self.table.gateway_entries(),
             "workers": self.table.worker_entries(),
+            "streams": self.streams.stats(),
         }
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:

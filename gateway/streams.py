@@ -1,0 +1,408 @@
+"""The gateway's side of group streams: publishing, delivery in order, recovery.
+
+A history group's messages do not go from a worker to every gateway: the worker
+hands them to one gateway (PUBLISH_GROUP), which passes them on to the stream
+register (``register.streams``) on a socket of its own; the register numbers
+them and sends each to every gateway, which writes it to its members. So every
+member sees one order, and the register keeps what a returning client missed.
+
+- A publish stays here until it comes back from the register, and is sent again
+  (in order) while it does not; the register takes each gateway's publishes in
+  order, once.
+- Messages of a group are delivered in offset order: a gap (a message lost on a
+  reconnect) is filled from the register's history before anything after it.
+- Members that opted in (a join with ``since``) get each message with its
+  position spliced in (``"epoch"`` and ``"offset"`` before the closing brace of
+  a JSON object); the others get the message as it was sent, byte for byte.
+- A join with ``since`` = (epoch, offset) asks the register for everything
+  after it and becomes a member only once that arrived: the missed messages
+  come first, in order, then the live ones, none twice. All or nothing: if the
+  register cannot serve all of them (another epoch, bounds exceeded) the client
+  joins without them and the join's answer says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.asyncio
+
+from chatcluster import auth, links
+from chatcluster.keys import Keys
+from gateway.connection import text_frame
+from register import protocol as rp
+
+if TYPE_CHECKING:
+    from gateway.clients import ClientTable
+    from gateway.connection import ClientConnection
+
+log = logging.getLogger("gateway.streams")
+
+RESEND = 1.0
+"""Seconds an unconfirmed publish waits before it (and those after it) are sent again."""
+MAX_UNCONFIRMED = 100_000
+"""Publishes kept for sending again; beyond this the oldest is dropped, with a WARNING."""
+
+
+def positioned(data: str | bytes, epoch: str, offset: int) -> str | bytes:
+    """``data`` with its stream position, if it is a JSON object; else unchanged."""
+    if data.__class__ is not str or not data.endswith("}") or not data.startswith("{"):
+        return data
+    tail = f'"epoch":"{epoch}","offset":{offset}}}'
+    body = data[:-1].rstrip()
+    return body + ("," if len(body) > 1 else "") + tail
+
+
+@dataclass(slots=True)
+class GroupState:
+    epoch: str = ""
+    offset: int = 0
+    """last offset delivered here"""
+    waiting: list[list[Any]] | None = None
+    """while a gap is being filled, the messages that came after it"""
+
+
+@dataclass(slots=True)
+class Resume:
+    conn: ClientConnection
+    group: str
+    since: list[Any]
+    reply: Callable[[Any], None]
+    timer: asyncio.TimerHandle | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamLink:
+    """This gateway's stream socket to the stream register, and delivery of streams."""
+
+    def __init__(
+        self,
+        clients: ClientTable,
+        addresses: list[str],
+        gateway_id: Callable[[], str],
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        keys: Keys | None = None,
+        link_timeout: float = links.LINK_TIMEOUT,
+    ) -> None:
+        self.clients = clients
+        self.addresses = addresses
+        self.gateway_id = gateway_id
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.keys = keys
+        self.link_timeout = link_timeout
+        self.groups: dict[str, GroupState] = {}
+        self.positioned: dict[str, set[int]] = {}
+        """group -> client ids here that get positions"""
+        self.floors: dict[tuple[str, int], int] = {}
+        """(group, client id) -> offset up to which a resumed client had the replay"""
+        self.taken: dict[str, int] = {}
+        """source gateway id -> its last publish delivered here (repeats across epochs)"""
+        self._n = 0
+        self._source = ""
+        self._unconfirmed: dict[int, list[Any]] = {}
+        self._sent_at = 0.0
+        self._fetches: dict[int, Callable[[list[Any]], None]] = {}
+        self._req = itertools.count(1)
+        self._socks: list[zmq.Socket] = []
+        self._heard: list[float] = []
+        """when each register last sent us anything (it answers every STREAMS beat)"""
+        self._watches: list[auth.ClientWatch] = []
+
+    # Publishing
+
+    def publish(
+        self, group: str, data: str | bytes, exclude: list[int], count: int, seconds: float
+    ) -> None:
+        source = self.gateway_id()
+        if source != self._source:  # a new gateway id: a new numbering
+            self._source, self._n = source, 0
+            self._unconfirmed.clear()
+        self._n += 1
+        if not self._unconfirmed:
+            self._sent_at = time.monotonic()
+        message = [rp.PUBLISH, source, self._n, 0, group, data, exclude, count, seconds]
+        self._unconfirmed[self._n] = message
+        if len(self._unconfirmed) > MAX_UNCONFIRMED:
+            del self._unconfirmed[next(iter(self._unconfirmed))]
+            log.warning("stream register unreachable: dropped an unconfirmed publish")
+        self._send_publish(message)
+
+    def _send_publish(self, message: list[Any]) -> None:
+        # With the first publish still unconfirmed, so that a register that never
+        # heard of us (it restarted) knows where our numbering resumes.
+        message[3] = next(iter(self._unconfirmed))
+        self._send(rp.pack(message))
+
+    def _confirmed(self, n: int) -> None:
+        unconfirmed = self._unconfirmed
+        while unconfirmed:
+            first = next(iter(unconfirmed))
+            if first > n:
+                break
+            del unconfirmed[first]
+        self._sent_at = time.monotonic()
+
+    def _resend(self) -> None:
+        if self._unconfirmed and time.monotonic() - self._sent_at >= RESEND:
+            self._sent_at = time.monotonic()
+            for message in list(self._unconfirmed.values()):
+                self._send_publish(message)
+
+    # Joining
+
+    def join(
+        self,
+        conn: ClientConnection,
+        group: str,
+        since: list[Any],
+        reply: Callable[[Any], None],
+    ) -> None:
+        """Join a client that wants positions; with (epoch, offset), after what it missed."""
+        self.positioned.setdefault(group, set()).add(conn.client_id)
+        if len(since) != 2:
+            self.clients.join(conn, group)
+            reply(self._answer(group, True, 0))
+            return
+        resume = Resume(conn, group, since, reply)
+        req = next(self._req)
+        resume.timer = asyncio.get_running_loop().call_later(
+            self.link_timeout, self._resume_timed_out, req, resume
+        )
+        self._fetches[req] = lambda m: self._resumed(resume, m)
+        epoch, offset = since
+        self._send(rp.pack([rp.FETCH, req, group, epoch, offset]))
+
+    def _resumed(self, resume: Resume, m: list[Any]) -> None:
+        if resume.timer is not None:
+            resume.timer.cancel()
+        conn, group = resume.conn, resume.group
+        if self.clients.get(conn.client_id) is not conn:
+            resume.reply(False)
+            return
+        epoch, last, entries = m[3], m[4], m[5]
+        missed = 0
+        if entries is not None:
+            for offset, data, exclude, _source, _n in entries:
+                if conn.client_id not in exclude:
+                    frame = positioned(data, epoch, offset)
+                    conn.write(text_frame(frame, binary=frame.__class__ is bytes))
+                missed += 1
+        # What the register had sent before this answer may not all be delivered here
+        # yet (a gap being filled): this client had it in the replay.
+        self.floors[(group, conn.client_id)] = last
+        self.clients.join(conn, group)
+        resume.reply(self._answer(group, entries is not None, missed))
+
+    def _resume_timed_out(self, req: int, resume: Resume) -> None:
+        if self._fetches.pop(req, None) is None:
+            return
+        log.warning("the stream register did not answer a recovery in time group=%s", resume.group)
+        if self.clients.get(resume.conn.client_id) is resume.conn:
+            self.clients.join(resume.conn, resume.group)
+            resume.reply(self._answer(resume.group, False, 0))
+        else:
+            resume.reply(False)
+
+    def _answer(self, group: str, recovered: bool, missed: int) -> dict[str, Any]:
+        state = self.groups.get(group)
+        return {
+            "recovered": recovered,
+            "missed": missed,
+            "epoch": state.epoch if state else "",
+            "offset": state.offset if state else 0,
+        }
+
+    def forget(self, conn: ClientConnection) -> None:
+        """A client is going: it gets no more positions."""
+        for group in list(conn.groups or ()):
+            self.leave(conn, group)
+
+    def leave(self, conn: ClientConnection, group: str) -> None:
+        ids = self.positioned.get(group)
+        if ids is not None:
+            ids.discard(conn.client_id)
+            if not ids:
+                del self.positioned[group]
+        self.floors.pop((group, conn.client_id), None)
+
+    # Delivery
+
+    def _stream(self, m: list[Any]) -> None:
+        epoch, group, offset, data, exclude, source, n = m[1:8]
+        if source == self._source:
+            self._confirmed(n)
+        state = self.groups.get(group)
+        if state is None:
+            state = self.groups[group] = GroupState(epoch, offset - 1)
+        if state.waiting is not None:
+            state.waiting.append(m)
+            return
+        if state.epoch != epoch:
+            # Another register sequences now (it restarted, or another took over): its
+            # stream starts at 1, and what we missed of it is fetched like any gap.
+            state.epoch, state.offset = epoch, 0
+        if offset <= state.offset:
+            return
+        if offset > state.offset + 1:
+            state.waiting = [m]
+            req = next(self._req)
+            self._fetches[req] = lambda f: self._gap_filled(group, f)
+            self._send(rp.pack([rp.FETCH, req, group, state.epoch, state.offset]))
+            return
+        self._deliver(group, state, epoch, offset, data, exclude, source, n)
+
+    def _gap_filled(self, group: str, m: list[Any]) -> None:
+        state = self.groups[group]
+        waiting, state.waiting = state.waiting or [], None
+        epoch, last, entries = m[3], m[4], m[5]
+        if entries is None:
+            log.warning(
+                "a gap in a stream could not be filled from the register group=%s after=%d",
+                group,
+                state.offset,
+            )
+            state.offset = waiting[0][3] - 1 if waiting else last
+        else:
+            for offset, data, exclude, source, n in entries:
+                if offset > state.offset:
+                    self._deliver(group, state, epoch, offset, data, exclude, source, n)
+        for later in waiting:
+            self._stream(later)
+
+    def _deliver(
+        self,
+        group: str,
+        state: GroupState,
+        epoch: str,
+        offset: int,
+        data: str | bytes,
+        exclude: list[int],
+        source: str,
+        n: int,
+    ) -> None:
+        state.offset = offset
+        if n <= self.taken.get(source, 0):
+            return  # taken by an earlier register too: its members had it
+        self.taken[source] = n
+        members = self.clients.members(group)
+        if not members:
+            return
+        frame = text_frame(data, binary=data.__class__ is bytes)
+        pos = self.positioned.get(group)
+        pframe = (
+            text_frame(positioned(data, epoch, offset), binary=data.__class__ is bytes)
+            if pos
+            else frame
+        )
+        skip = set(exclude) if exclude else ()
+        if not pos:
+            for cid, conn in list(members.items()):
+                if cid not in skip:
+                    conn.write(frame)
+            return
+        floors = self.floors
+        for cid, conn in list(members.items()):
+            if cid in skip:
+                continue
+            if cid in pos:
+                if floors:
+                    floor = floors.get((group, cid))
+                    if floor is not None:
+                        if offset <= floor:
+                            continue
+                        del floors[(group, cid)]
+                conn.write(pframe)
+            else:
+                conn.write(frame)
+
+    # The sockets: one per register; publishes go to the first that answers
+
+    @property
+    def active(self) -> int:
+        """The register that sequences: the first of the list that answered lately."""
+        now = time.monotonic()
+        for i, heard in enumerate(self._heard):
+            if now - heard < self.link_timeout:
+                return i
+        return 0
+
+    def _send(self, frame: bytes, to: int | None = None) -> None:
+        if not self._socks:
+            return
+        with contextlib.suppress(zmq.Again):
+            self._socks[self.active if to is None else to].send(frame, zmq.NOBLOCK)
+
+    async def run(self) -> None:
+        poller = zmq.asyncio.Poller()
+        asocks = []
+        for address in self.addresses:
+            asock = self.ctx.socket(zmq.DEALER)
+            asock.setsockopt(zmq.LINGER, 0)
+            asock.setsockopt(zmq.RECONNECT_IVL, 100)
+            asock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            links.unbounded(asock)
+            links.heartbeats(asock, self.link_timeout)
+            if self.keys is not None:
+                self.keys.client(asock)
+            self._watches.append(
+                auth.ClientWatch(asock, f"register {address} (streams)", self.keys is not None)
+            )
+            asock.connect(address)
+            asocks.append(asock)
+            self._socks.append(zmq.Socket.shadow(asock.underlying))
+            self._heard.append(0.0)
+            poller.register(asock, zmq.POLLIN)
+        index = {sock: i for i, sock in enumerate(asocks)}
+        next_beat = 0.0
+        active = 0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_beat:
+                    beat = rp.pack([rp.STREAMS, self.gateway_id()])
+                    for i in range(len(self._socks)):
+                        self._send(beat, i)
+                    if self.active != active:
+                        active = self.active
+                        log.info("stream register register=%s", self.addresses[active])
+                        self._sent_at = 0.0  # send what is unconfirmed there at once
+                    self._resend()
+                    next_beat = now + rp.HEARTBEAT / 2
+                timeout = max(0.0, next_beat - time.monotonic()) * 1000
+                for sock, _ in await poller.poll(timeout):
+                    self._drain(index[sock])
+        finally:
+            self._socks.clear()
+            for watch in self._watches:
+                watch.close()
+            self._watches.clear()
+            for asock in asocks:
+                asock.close(linger=0)
+
+    def _drain(self, i: int) -> None:
+        sock = self._socks[i]
+        for _ in range(2000):
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._heard[i] = time.monotonic()
+            try:
+                m = rp.unpack(frame)
+                if m[0] == rp.STREAM:
+                    self._stream(m)
+                elif m[0] == rp.FETCHED:
+                    done = self._fetches.pop(m[1], None)
+                    if done is not None:
+                        done(m)
+            except Exception as exc:  # one bad message must not stop the stream
+                log.warning("bad stream message error=%r", exc)
