@@ -181,7 +181,6 @@ async def say(client_id: int, request: dict[str, Any], session: dict[str, Any]) 
     api.send_to_clients([target] if target == client_id else [target, client_id], message)
 
 
-@functools.lru_cache(maxsize=100_000)
 def _since(resume: Any) -> tuple[Any, ...] | None:
     """The login's "resume": None (not asked), () (from now), or (epoch, offset)."""
     if resume is None or resume is False:
@@ -199,6 +198,7 @@ def _since(resume: Any) -> tuple[Any, ...] | None:
     raise ChatError("bad_field", 'field "resume" must be true or {"epoch":E,"offset":K}')
 
 
+@functools.lru_cache(maxsize=100_000)
 def user_entry(uid: int, name: str) -> str:
     """One user_list entry as JSON. Cached: a login storm lists each member once per login."""
     return json.dumps({"uid": uid, "name": name}, separators=(",", ":"))

@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,9 @@ log = logging.getLogger("gateway.streams")
 
 RESEND = 1.0
 """Seconds an unconfirmed publish waits before it (and those after it) are sent again."""
+RETAIN = 5.0
+"""Seconds a confirmed publish is kept, to be sent again should its register have died
+before every gateway had it (a new epoch)."""
 MAX_UNCONFIRMED = 100_000
 """Publishes kept for sending again; beyond this the oldest is dropped, with a WARNING."""
 
@@ -109,12 +113,18 @@ class StreamLink:
         self._n = 0
         self._source = ""
         self._unconfirmed: dict[int, list[Any]] = {}
+        self._epoch = ""
+        """the epoch of the register that sequenced the last stream message"""
+        self._retained: deque[tuple[float, int, list[Any]]] = deque()
+        """(when confirmed, n, message) of the last RETAIN seconds' publishes"""
         self._sent_at = 0.0
         self._fetches: dict[int, Callable[[list[Any]], None]] = {}
         self._req = itertools.count(1)
         self._socks: list[zmq.Socket] = []
         self._heard: list[float] = []
         """when each register last sent us anything (it answers every STREAMS beat)"""
+        self._epochs: list[str] = []
+        """each register's epoch, as its answers to our beats say"""
         self._watches: list[auth.ClientWatch] = []
 
     # Publishing
@@ -144,12 +154,33 @@ class StreamLink:
 
     def _confirmed(self, n: int) -> None:
         unconfirmed = self._unconfirmed
+        now = time.monotonic()
+        retained = self._retained
         while unconfirmed:
             first = next(iter(unconfirmed))
             if first > n:
                 break
-            del unconfirmed[first]
-        self._sent_at = time.monotonic()
+            retained.append((now, first, unconfirmed.pop(first)))
+        while retained and (retained[0][0] < now - RETAIN or len(retained) > MAX_UNCONFIRMED):
+            retained.popleft()
+        self._sent_at = now
+
+    def _sequencer(self, epoch: str) -> None:
+        """Note which register sequences; if another than before, ``_new_epoch``."""
+        before, self._epoch = self._epoch, epoch
+        if before and before != epoch:
+            self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        """The register restarted: what it had sent shortly before it went may not have
+        reached every gateway, so the publishes it confirmed lately go to the new one
+        too (gateways that had them drop the repeats: ``taken``)."""
+        again = {n: message for _, n, message in self._retained}
+        self._retained.clear()
+        again.update(self._unconfirmed)
+        self._unconfirmed = again
+        self._sent_at = 0.0
+        self._resend()
 
     def _resend(self) -> None:
         if self._unconfirmed and time.monotonic() - self._sent_at >= RESEND:
@@ -179,7 +210,7 @@ class StreamLink:
         )
         self._fetches[req] = lambda m: self._resumed(resume, m)
         epoch, offset = since
-        self._send(rp.pack([rp.FETCH, req, group, epoch, offset]))
+        self._send(rp.pack([rp.FETCH, req, group, epoch, offset]), self._register_of(epoch))
 
     def _resumed(self, resume: Resume, m: list[Any]) -> None:
         if resume.timer is not None:
@@ -238,6 +269,7 @@ class StreamLink:
 
     def _stream(self, m: list[Any]) -> None:
         epoch, group, offset, data, exclude, source, n = m[1:8]
+        self._sequencer(epoch)
         if source == self._source:
             self._confirmed(n)
         state = self.groups.get(group)
@@ -256,9 +288,18 @@ class StreamLink:
             state.waiting = [m]
             req = next(self._req)
             self._fetches[req] = lambda f: self._gap_filled(group, f)
-            self._send(rp.pack([rp.FETCH, req, group, state.epoch, state.offset]))
+            asyncio.get_running_loop().call_later(self.link_timeout, self._gap_timed_out, req)
+            self._send(
+                rp.pack([rp.FETCH, req, group, state.epoch, state.offset]),
+                self._register_of(state.epoch),
+            )
             return
         self._deliver(group, state, epoch, offset, data, exclude, source, n)
+
+    def _gap_timed_out(self, req: int) -> None:
+        done = self._fetches.pop(req, None)
+        if done is not None:  # the register went away: go on without what it had
+            done([rp.FETCHED, req, "", "", 0, None])
 
     def _gap_filled(self, group: str, m: list[Any]) -> None:
         state = self.groups[group]
@@ -335,6 +376,14 @@ class StreamLink:
                 return i
         return 0
 
+    def _register_of(self, epoch: str) -> int | None:
+        """The register whose stream ``epoch`` is, if it answers; else the active one."""
+        now = time.monotonic()
+        for i, (known, heard) in enumerate(zip(self._epochs, self._heard, strict=True)):
+            if known == epoch and now - heard < self.link_timeout:
+                return i
+        return None
+
     def _send(self, frame: bytes, to: int | None = None) -> None:
         if not self._socks:
             return
@@ -360,6 +409,7 @@ class StreamLink:
             asocks.append(asock)
             self._socks.append(zmq.Socket.shadow(asock.underlying))
             self._heard.append(0.0)
+            self._epochs.append("")
             poller.register(asock, zmq.POLLIN)
         index = {sock: i for i, sock in enumerate(asocks)}
         next_beat = 0.0
@@ -400,6 +450,10 @@ class StreamLink:
                 m = rp.unpack(frame)
                 if m[0] == rp.STREAM:
                     self._stream(m)
+                elif m[0] == rp.STREAMS:
+                    self._epochs[i] = m[1]
+                    if i == self.active:
+                        self._sequencer(m[1])
                 elif m[0] == rp.FETCHED:
                     done = self._fetches.pop(m[1], None)
                     if done is not None:

@@ -25,6 +25,9 @@ from register.table import Table
 log = logging.getLogger("register")
 
 SETTLE = 3 * protocol.HEARTBEAT
+STREAMS_SETTLE = 1.5 * protocol.HEARTBEAT
+"""Publishes are taken only after this long up: by then every live gateway's stream
+socket beat (twice a heartbeat), so that a stream message reaches all of them."""
 PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
 """Seconds after a dropped link at which every member is probed."""
 """After this long up, every live gateway has beaten at least once."""
@@ -225,11 +228,14 @@ class Register:
         source, n, first, group, data, exclude, count, seconds = m[1:9]
         if source in self.table.gone:
             return  # a gateway declared gone: what it still sends is not taken
+        if now - self.started < STREAMS_SETTLE:
+            return  # not every gateway's stream socket is known yet: it sends again
         entry = self.streams.publish(source, n, first, group, data, exclude, count, seconds, now)
         if entry is None:
             return
+        epoch = self.streams.streams[group].epoch
         frame = protocol.pack(
-            [protocol.STREAM, self.streams.epoch, group, entry.offset, data, exclude, source, n]
+            [protocol.STREAM, epoch, group, entry.offset, data, exclude, source, n]
         )
         for route in self.stream_routes.values():
             self._send_frame(route, frame)
@@ -242,8 +248,8 @@ class Register:
             if entries is None
             else [[e.offset, e.data, e.exclude, e.source, e.n] for e in entries]
         )
-        last = self.streams.position(group)
-        self._send(route, [protocol.FETCHED, req, group, self.streams.epoch, last, found])
+        epoch, last = self.streams.position(group)
+        self._send(route, [protocol.FETCHED, req, group, epoch, last, found])
 
     def status(self) -> dict[str, Any]:
         return {

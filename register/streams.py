@@ -6,9 +6,10 @@ gateway; the register gives it the group's next offset, keeps it while the
 group's bounds allow, and sends it to every gateway. Every member on every
 gateway therefore sees the group's messages in the register's order.
 
-A position is (epoch, offset). The epoch is the register's id: a register that
-restarts has lost its history, so positions of another epoch cannot be served
-and recovery from them is refused, never served in part.
+A position is (epoch, offset). The epoch is the id of the register that
+sequenced it: a register that restarts has lost its history, so positions of
+another epoch cannot be served and recovery from them is refused, never served
+in part.
 
 This is the core, kept apart from I/O: ``register.server`` feeds it.
 """
@@ -38,6 +39,7 @@ class Entry:
 class Stream:
     """One group's stream: the last offset given and what is kept of it."""
 
+    epoch: str = ""
     last: int = 0
     count: int = 200
     seconds: float = 300.0
@@ -91,7 +93,7 @@ class Streams:
         self.taken[source] = n
         stream = self.streams.get(group)
         if stream is None:
-            stream = self.streams[group] = Stream()
+            stream = self.streams[group] = Stream(self.epoch)
         stream.count = max(1, min(int(count), MAX_COUNT))
         stream.seconds = max(0.0, min(float(seconds), MAX_SECONDS))
         stream.last += 1
@@ -101,9 +103,9 @@ class Streams:
         stream.trim(now)
         return entry
 
-    def position(self, group: str) -> int:
+    def position(self, group: str) -> tuple[str, int]:
         stream = self.streams.get(group)
-        return 0 if stream is None else stream.last
+        return (self.epoch, 0) if stream is None else (stream.epoch, stream.last)
 
     def since(self, group: str, epoch: str, offset: int, now: float) -> list[Entry] | None:
         """Every message of ``group`` after (epoch, offset), or None if any is gone.
@@ -112,11 +114,11 @@ class Streams:
         since), when the offset was never given, or when the bounds already let
         the first missed message go.
         """
-        if epoch != self.epoch or offset < 0:
-            return None
         stream = self.streams.get(group)
         if stream is None:
-            return [] if offset == 0 else None
+            return [] if offset == 0 and epoch == self.epoch else None
+        if epoch != stream.epoch or offset < 0:
+            return None
         if offset > stream.last:
             return None
         stream.trim(now)

@@ -23,6 +23,8 @@ class ChatClient:
         self.frames: list[str] = []
         """every text frame received, exactly as it came over the wire"""
         self._later: deque[dict[str, Any]] = deque()
+        self.user_list: dict[str, Any] = {}
+        """the last login's user_list message, whole"""
         """frames read ahead by ``login`` and not yet handed out"""
 
     @classmethod
@@ -52,7 +54,9 @@ class ChatClient:
         assert message["type"] == kind, f"expected {kind}, got {message}"
         return message
 
-    async def login(self, name: str, room: str | None = None) -> list[dict[str, Any]]:
+    async def login(
+        self, name: str, room: str | None = None, *, keep_own: bool = False, **extra: Any
+    ) -> list[dict[str, Any]]:
         """Log in; return the user_list once our own login was announced.
 
         Room traffic that was held back during the login (others' logins and
@@ -62,14 +66,18 @@ class ChatClient:
         request: dict[str, Any] = {"type": "login", "name": name}
         if room is not None:
             request["room"] = room
+        request.update(extra)
         await self.send(request)
-        users = (await self.expect("user_list"))["user_list"]
+        self.user_list = await self.expect("user_list")
+        users = self.user_list["user_list"]
         mine = {u["uid"] for u in users if u["name"] == name}
         ahead: list[dict[str, Any]] = []
         while True:
             message = await self.recv()
             if message["type"] == "login" and message["name"] == name and message["uid"] in mine:
                 break
+            ahead.append(message)
+        if keep_own:  # handed out by recv too, in its place
             ahead.append(message)
         self._later.extend(ahead)
         self.uid = message["uid"]
