@@ -30,7 +30,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -39,6 +39,7 @@ import zmq.asyncio
 from chatcluster import auth, links
 from chatcluster.keys import Keys
 from gateway.connection import text_frame
+from gateway.zmqreader import BatchReader
 from register import protocol as rp
 
 if TYPE_CHECKING:
@@ -81,7 +82,6 @@ class Resume:
     since: list[Any]
     reply: Callable[[Any], None]
     timer: asyncio.TimerHandle | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class StreamLink:
@@ -121,6 +121,7 @@ class StreamLink:
         self._fetches: dict[int, Callable[[list[Any]], None]] = {}
         self._req = itertools.count(1)
         self._socks: list[zmq.Socket] = []
+        self._readers: list[BatchReader] = []
         self._heard: list[float] = []
         """when each register last sent us anything (it answers every STREAMS beat)"""
         self._epochs: list[str] = []
@@ -231,7 +232,10 @@ class StreamLink:
         # yet (a gap being filled): this client had it in the replay.
         self.floors[(group, conn.client_id)] = last
         self.clients.join(conn, group)
-        resume.reply(self._answer(group, entries is not None, missed))
+        answer = self._answer(group, entries is not None, missed)
+        if epoch:  # the register's position of the stream, which the replay reached
+            answer["epoch"], answer["offset"] = epoch, last
+        resume.reply(answer)
 
     def _resume_timed_out(self, req: int, resume: Resume) -> None:
         if self._fetches.pop(req, None) is None:
@@ -336,6 +340,8 @@ class StreamLink:
         self.taken[source] = n
         members = self.clients.members(group)
         if not members:
+            if state.waiting is None:
+                del self.groups[group]  # nobody here to keep the order for
             return
         frame = text_frame(data, binary=data.__class__ is bytes)
         pos = self.positioned.get(group)
@@ -387,13 +393,14 @@ class StreamLink:
     def _send(self, frame: bytes, to: int | None = None) -> None:
         if not self._socks:
             return
+        i = self.active if to is None else to
         with contextlib.suppress(zmq.Again):
-            self._socks[self.active if to is None else to].send(frame, zmq.NOBLOCK)
+            self._socks[i].send(frame, zmq.NOBLOCK)
+        self._readers[i].sent()  # the send may have swallowed the input's edge
 
     async def run(self) -> None:
-        poller = zmq.asyncio.Poller()
         asocks = []
-        for address in self.addresses:
+        for i, address in enumerate(self.addresses):
             asock = self.ctx.socket(zmq.DEALER)
             asock.setsockopt(zmq.LINGER, 0)
             asock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -407,30 +414,30 @@ class StreamLink:
             )
             asock.connect(address)
             asocks.append(asock)
-            self._socks.append(zmq.Socket.shadow(asock.underlying))
+            reader = BatchReader(asock, lambda i=i: self._drain(i))
+            self._readers.append(reader)
+            self._socks.append(reader.sock)
             self._heard.append(0.0)
             self._epochs.append("")
-            poller.register(asock, zmq.POLLIN)
-        index = {sock: i for i, sock in enumerate(asocks)}
-        next_beat = 0.0
+        readers = [asyncio.ensure_future(r.run()) for r in self._readers]
         active = 0
         try:
             while True:
-                now = time.monotonic()
-                if now >= next_beat:
-                    beat = rp.pack([rp.STREAMS, self.gateway_id()])
-                    for i in range(len(self._socks)):
-                        self._send(beat, i)
-                    if self.active != active:
-                        active = self.active
-                        log.info("stream register register=%s", self.addresses[active])
-                        self._sent_at = 0.0  # send what is unconfirmed there at once
-                    self._resend()
-                    next_beat = now + rp.HEARTBEAT / 2
-                timeout = max(0.0, next_beat - time.monotonic()) * 1000
-                for sock, _ in await poller.poll(timeout):
-                    self._drain(index[sock])
+                beat = rp.pack([rp.STREAMS, self.gateway_id()])
+                for i in range(len(self._socks)):
+                    self._send(beat, i)
+                if self.active != active:
+                    active = self.active
+                    log.info("stream register register=%s", self.addresses[active])
+                    self._sent_at = 0.0  # send what is unconfirmed there at once
+                self._resend()
+                await asyncio.sleep(rp.HEARTBEAT / 2)
         finally:
+            for task in readers:
+                task.cancel()
+            for reader in self._readers:
+                reader.stop()
+            self._readers.clear()
             self._socks.clear()
             for watch in self._watches:
                 watch.close()
@@ -438,13 +445,13 @@ class StreamLink:
             for asock in asocks:
                 asock.close(linger=0)
 
-    def _drain(self, i: int) -> None:
+    def _drain(self, i: int) -> bool:
         sock = self._socks[i]
         for _ in range(2000):
             try:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             self._heard[i] = time.monotonic()
             try:
                 m = rp.unpack(frame)
@@ -460,3 +467,4 @@ class StreamLink:
                         done(m)
             except Exception as exc:  # one bad message must not stop the stream
                 log.warning("bad stream message error=%r", exc)
+        return True

@@ -25,9 +25,10 @@ from register.table import Table
 log = logging.getLogger("register")
 
 SETTLE = 3 * protocol.HEARTBEAT
-STREAMS_SETTLE = 1.5 * protocol.HEARTBEAT
-"""Publishes are taken only after this long up: by then every live gateway's stream
-socket beat (twice a heartbeat), so that a stream message reaches all of them."""
+STREAMS_SETTLE = 0.7 * protocol.HEARTBEAT
+"""Publishes are taken only after this long up (earlier ones wait): by then every
+live gateway's stream socket beat (twice a heartbeat), so that a stream message
+reaches all of them."""
 PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
 """Seconds after a dropped link at which every member is probed."""
 """After this long up, every live gateway has beaten at least once."""
@@ -55,6 +56,9 @@ class Register:
         self.worker_routes: dict[str, bytes] = {}
         self.gateway_routes: dict[str, bytes] = {}
         self.streams = Streams(self.id)
+        self._expired_at = time.monotonic()
+        self._early: list[list[Any]] = []
+        """publishes that came before STREAMS_SETTLE"""
         self.stream_routes: dict[str, bytes] = {}
         """gateway id -> its stream socket's route: where every stream message goes"""
         self._pushed_version = -1
@@ -137,6 +141,13 @@ class Register:
                 del self.worker_routes[wid]
             for gid in [g for g in self.gateway_routes if g not in self.table.gateways]:
                 del self.gateway_routes[gid]
+            if self._early and time.monotonic() - self.started >= STREAMS_SETTLE:
+                early, self._early = self._early, []
+                for message in early:
+                    self._publish(message, time.monotonic())
+            if time.monotonic() - self._expired_at > 10.0:
+                self._expired_at = time.monotonic()
+                self.streams.expire(self._expired_at)
             for gid in [g for g in self.stream_routes if g not in self.table.gateways]:
                 del self.stream_routes[gid]  # it beats again if it lives
                 if gid in self.table.gone:
@@ -229,7 +240,10 @@ class Register:
         if source in self.table.gone:
             return  # a gateway declared gone: what it still sends is not taken
         if now - self.started < STREAMS_SETTLE:
-            return  # not every gateway's stream socket is known yet: it sends again
+            # Not every gateway's stream socket is known yet: take it a moment later.
+            if len(self._early) < 100_000:
+                self._early.append(m)
+            return
         entry = self.streams.publish(source, n, first, group, data, exclude, count, seconds, now)
         if entry is None:
             return

@@ -6,23 +6,27 @@ gateway; the register gives it the group's next offset, keeps it while the
 group's bounds allow, and sends it to every gateway. Every member on every
 gateway therefore sees the group's messages in the register's order.
 
-A position is (epoch, offset). The epoch is the id of the register that
-sequenced it: a register that restarts has lost its history, so positions of
-another epoch cannot be served and recovery from them is refused, never served
-in part.
+A position is (epoch, offset). The epoch names the register that sequenced it
+and the stream's making there: a register that restarts has lost its history,
+and a stream forgotten (all aged out, or evicted under MAX_BYTES) and made again
+starts over, so positions of another epoch cannot be served and recovery from
+them is refused, never served in part.
 
 This is the core, kept apart from I/O: ``register.server`` feeds it.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_COUNT = 10_000
 """Upper bound on the messages one group keeps, whatever the app asks."""
 MAX_SECONDS = 24 * 3600.0
+MAX_BYTES = 256 * 1024 * 1024
+"""Bytes of messages kept in all; beyond it the groups least lately written to are
+forgotten whole (clients may make rooms without end)."""
 
 
 @dataclass(slots=True)
@@ -58,7 +62,10 @@ class Streams:
 
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
-        self.streams: dict[str, Stream] = {}
+        self.streams: OrderedDict[str, Stream] = OrderedDict()
+        """least lately written to first"""
+        self.bytes = 0
+        self._made = 0
         self.taken: dict[str, int] = {}
         """gateway id -> number of its last publish taken (they are taken in order)"""
 
@@ -93,19 +100,38 @@ class Streams:
         self.taken[source] = n
         stream = self.streams.get(group)
         if stream is None:
-            stream = self.streams[group] = Stream(self.epoch)
+            # Each stream its own epoch: one forgotten and made again is another stream.
+            self._made += 1
+            stream = self.streams[group] = Stream(f"{self.epoch}.{self._made}")
+        else:
+            self.streams.move_to_end(group)
         stream.count = max(1, min(int(count), MAX_COUNT))
         stream.seconds = max(0.0, min(float(seconds), MAX_SECONDS))
         stream.last += 1
         entry = Entry(stream.last, now, data, exclude, source, n)
+        before = stream.bytes
         stream.kept.append(entry)
         stream.bytes += len(data)
         stream.trim(now)
+        self.bytes += stream.bytes - before
+        while self.bytes > MAX_BYTES and len(self.streams) > 1:
+            _, oldest = self.streams.popitem(last=False)
+            self.bytes -= oldest.bytes
         return entry
+
+    def expire(self, now: float) -> None:
+        """Forget the streams whose every message aged out (call now and then)."""
+        gone = [
+            group
+            for group, stream in self.streams.items()
+            if not stream.kept or stream.kept[-1].at < now - stream.seconds
+        ]
+        for group in gone:
+            self.bytes -= self.streams.pop(group).bytes
 
     def position(self, group: str) -> tuple[str, int]:
         stream = self.streams.get(group)
-        return (self.epoch, 0) if stream is None else (stream.epoch, stream.last)
+        return ("", 0) if stream is None else (stream.epoch, stream.last)
 
     def since(self, group: str, epoch: str, offset: int, now: float) -> list[Entry] | None:
         """Every message of ``group`` after (epoch, offset), or None if any is gone.
@@ -115,13 +141,13 @@ class Streams:
         the first missed message go.
         """
         stream = self.streams.get(group)
-        if stream is None:
-            return [] if offset == 0 and epoch == self.epoch else None
-        if epoch != stream.epoch or offset < 0:
+        if stream is None or epoch != stream.epoch or offset < 0:
             return None
         if offset > stream.last:
             return None
+        before = stream.bytes
         stream.trim(now)
+        self.bytes -= before - stream.bytes
         kept = stream.kept
         if offset == stream.last:
             return []
@@ -137,5 +163,5 @@ class Streams:
         return {
             "groups": len(self.streams),
             "messages": sum(len(s.kept) for s in self.streams.values()),
-            "bytes": sum(s.bytes for s in self.streams.values()),
+            "bytes": self.bytes,
         }
