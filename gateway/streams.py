@@ -289,16 +289,31 @@ class StreamLink:
         if offset <= state.offset:
             return
         if offset > state.offset + 1:
-            state.waiting = [m]
-            req = next(self._req)
-            self._fetches[req] = lambda f: self._gap_filled(group, f)
-            asyncio.get_running_loop().call_later(self.link_timeout, self._gap_timed_out, req)
-            self._send(
-                rp.pack([rp.FETCH, req, group, state.epoch, state.offset]),
-                self._register_of(state.epoch),
-            )
+            self._fill(group, state, [m])
             return
         self._deliver(group, state, epoch, offset, data, exclude, source, n)
+
+    def _fill(self, group: str, state: GroupState, waiting: list[list[Any]]) -> None:
+        """Fetch what is missing after ``state.offset``; ``waiting`` is delivered after it."""
+        state.waiting = waiting
+        req = next(self._req)
+        self._fetches[req] = lambda f: self._gap_filled(group, f)
+        asyncio.get_running_loop().call_later(self.link_timeout, self._gap_timed_out, req)
+        self._send(
+            rp.pack([rp.FETCH, req, group, state.epoch, state.offset]),
+            self._register_of(state.epoch),
+        )
+
+    def _positions(self, positions: list[list[Any]]) -> None:
+        """Where the register's streams stand: catch up on what we missed of them."""
+        for group, epoch, last in positions:
+            state = self.groups.get(group)
+            if state is None or state.waiting is not None:
+                continue
+            if state.epoch != epoch:
+                state.epoch, state.offset = epoch, 0
+            if last > state.offset:
+                self._fill(group, state, [])
 
     def _gap_timed_out(self, req: int) -> None:
         done = self._fetches.pop(req, None)
@@ -318,6 +333,8 @@ class StreamLink:
             state.offset = waiting[0][3] - 1 if waiting else last
         else:
             for offset, data, exclude, source, n in entries:
+                if source == self._source:
+                    self._confirmed(n)
                 if offset > state.offset:
                     self._deliver(group, state, epoch, offset, data, exclude, source, n)
         for later in waiting:
@@ -461,6 +478,8 @@ class StreamLink:
                     self._epochs[i] = m[1]
                     if i == self.active:
                         self._sequencer(m[1])
+                elif m[0] == rp.POSITIONS:
+                    self._positions(m[1])
                 elif m[0] == rp.FETCHED:
                     done = self._fetches.pop(m[1], None)
                     if done is not None:

@@ -31,6 +31,8 @@ on a gateway's own stream socket:
                           [FETCH, req, group, epoch, offset]
     register -> gateway   [STREAM, epoch, group, offset, data, exclude, source, n]
                                                     to every gateway, in the stream's order
+                          [POSITIONS, [[group, epoch, last], ...]]  to a stream socket
+                                                    heard for the first time
                           [FETCHED, req, group, epoch, last, [[offset, data, exclude,
                                     source, n], ...] | None]   None: not recoverable
 
@@ -60,6 +62,7 @@ PUBLISH = "publish"
 STREAM = "stream"
 FETCH = "fetch"
 FETCHED = "fetched"
+POSITIONS = "positions"
 
 HEARTBEAT = 1.0
 """Seconds between two heartbeats of a gateway or worker."""

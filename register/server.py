@@ -225,7 +225,9 @@ class Register:
             if gid in self.table.gone:
                 return
             if self.stream_routes.get(gid) != route:
-                log.debug("stream link gateway=%s", gid)
+                # New here: it may have missed what was sent before it beat, so it
+                # learns where every stream stands (and fetches what it lacks).
+                self._send(route, [protocol.POSITIONS, self.streams.positions()])
             self.stream_routes[gid] = route
             self._send(route, [protocol.STREAMS, self.streams.epoch])
         elif kind == protocol.FETCH:

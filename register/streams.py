@@ -156,6 +156,10 @@ class Streams:
         start = offset + 1 - kept[0].offset
         return [kept[i] for i in range(start, len(kept))]
 
+    def positions(self) -> list[list[Any]]:
+        """[group, epoch, last offset] of every stream."""
+        return [[group, st.epoch, st.last] for group, st in self.streams.items()]
+
     def forget_gateway(self, source: str) -> None:
         self.taken.pop(source, None)
 
