@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Iterable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from businessworker import presence
 from gateway import client as gw
 from gateway import protocol as p
 from gateway.client import Run
@@ -51,7 +53,9 @@ __all__ = [
     "is_uid_online",
     "join_group",
     "keep_history",
+    "keep_member",
     "leave_group",
+    "resume",
     "send_to_all",
     "send_to_client",
     "send_to_clients",
@@ -62,6 +66,9 @@ __all__ = [
     "ungroup",
     "update_session",
 ]
+
+MEMBER_KEY = presence.MEMBER_KEY
+"""The session key that ``keep_member`` reserves for a kept member's record."""
 
 _links: GatewayLinks | None = None
 _decode = p.SessionDecoder()
@@ -77,6 +84,11 @@ def bind(links: GatewayLinks | None) -> None:
     """Point the API at a worker's links (done by the worker at start)."""
     global _links
     _links = links
+
+
+def linked() -> GatewayLinks | None:
+    """The worker's links, or None outside a running worker."""
+    return _links
 
 
 def _cluster() -> GatewayLinks:
@@ -249,6 +261,7 @@ def join_group(
     if link is None:
         return _done(False)
     name = _key(group)
+    _note_member(client_id, join=name)
     position = None
     if since is not None and history_of(name) is not None:
         position = list(since)
@@ -268,6 +281,7 @@ async def _as_recovery(joined: Awaitable[Any]) -> Any:
 
 
 def leave_group(client_id: int, group: str | int) -> None:
+    _note_member(client_id, leave=_key(group))
     link = _cluster().for_client(client_id)
     if link is not None:
         link.send_frame(gw.encode_leave(int(client_id), _key(group)), _run())
@@ -280,15 +294,144 @@ def ungroup(group: str | int) -> None:
 
 def bind_uid(client_id: int, uid: str | int) -> None:
     """Bind a client to a user id (one uid per client; a uid may have many clients)."""
+    _note_member(client_id, uid=_key(uid))
     link = _cluster().for_client(client_id)
     if link is not None:
         link.send_frame(gw.encode_bind_uid(int(client_id), _key(uid)), _run())
 
 
 def unbind_uid(client_id: int, uid: str | int) -> None:
+    _note_member(client_id, uid=None)
     link = _cluster().for_client(client_id)
     if link is not None:
         link.send_frame(gw.encode_unbind_uid(int(client_id), _key(uid)), _run())
+
+
+# Members kept through a disconnect (businessworker.presence)
+
+
+def keep_member(client_id: int, *, grace: float = presence.DEFAULT_GRACE) -> str:
+    """Keep this client as a member for ``grace`` seconds after its connection goes;
+    returns the token that a new connection gives ``resume`` to carry on as it.
+
+    Call it from the client's own callback, before joining its groups and binding
+    its uid: those are what a resume gives back. A member that does not come
+    back within the grace gets its on_close then, once; while away it stays in
+    its groups' rosters and is sent nothing (history groups keep what it
+    missed). Each call makes a new token; the last one is the one that works.
+    """
+    scope = _own_scope(client_id, "keep_member")
+    link = _cluster().for_client(client_id)
+    if link is None:
+        return ""
+    secret = presence.new_secret()
+    grace = float(grace)
+    if not 0 < grace <= 3600:
+        raise ValueError("keep_member needs 0 < grace <= 3600 seconds")
+    old = scope.session.get(presence.MEMBER_KEY) or {}
+    scope.session[presence.MEMBER_KEY] = {
+        "secret": secret,
+        "grace": grace,
+        "groups": list(old.get("groups") or ()),
+        "uid": old.get("uid"),
+    }
+    link.send_frame(gw.encode_keep(int(client_id), secret, grace), _run())
+    return presence.token_of(link.gateway_id, int(client_id), secret)
+
+
+async def resume(client_id: int, token: str, *, rejoin: bool = True) -> dict[str, Any] | None:
+    """Carry on, as this new client, the kept member that ``token`` names.
+
+    Call it from the new client's own callback. The member is taken out of
+    wherever it waits (on any gateway; one whose gateway died is looked for
+    until the workers have parked it, about a second) and nobody sees it
+    leave: its session replaces this client's (the callback's ``session``
+    dict is updated in place), its uid is bound here, and with ``rejoin`` its
+    groups are joined again (plain joins: join a history group yourself, with
+    ``since``, to replay what it missed). This client is then kept in turn.
+
+    Returns ``{"client_id": the member's old id, "session", "groups", "uid",
+    "token": the new token}``, or None if there is no such member any more
+    (its grace ended, it resumed elsewhere, or the token is wrong): then treat
+    this client as new. Never raises for a bad token.
+    """
+    scope = _own_scope(client_id, "resume")
+    parsed = presence.parse_token(token)
+    if parsed is None:
+        return None
+    gateway_id, old_id, secret = parsed
+    cluster = _cluster()
+    started = time.monotonic()
+    while True:
+        _flush_session()
+        links = cluster.all()
+        answers = await asyncio.gather(
+            *(link.query(p.Q_RESUME, old_id, secret, int(client_id)) for link in links),
+            return_exceptions=True,
+        )
+        found = next((a for a in answers if a and not isinstance(a, BaseException)), None)
+        if found is not None:
+            break
+        asked_it = any(
+            link.gateway_id == gateway_id and not isinstance(a, BaseException)
+            for link, a in zip(links, answers, strict=True)
+        )
+        gone_at = cluster.gone.get(gateway_id)
+        now = time.monotonic()
+        if asked_it or now - (gone_at or started) > presence.PARK_WAIT:
+            return None  # its gateway answered, or had time to be parked: not kept
+        await asyncio.sleep(presence.RESUME_RETRY)
+    _version, packed, groups, uid = found
+    old = p.unpack_session(packed)
+    member = old.get(presence.MEMBER_KEY) or {}
+    session = scope.session
+    session.clear()
+    session.update(old)
+    session[presence.MEMBER_KEY] = {
+        "secret": "",
+        "grace": member.get("grace", presence.DEFAULT_GRACE),
+        "groups": [],
+        "uid": None,
+    }
+    if uid is not None:
+        bind_uid(client_id, uid)
+    if rejoin:
+        for group in groups:
+            join_group(client_id, group)
+    new_token = keep_member(client_id, grace=float(member.get("grace", presence.DEFAULT_GRACE)))
+    return {
+        "client_id": old_id,
+        "session": session,
+        "groups": list(groups),
+        "uid": uid,
+        "token": new_token,
+    }
+
+
+def _own_scope(client_id: int, what: str) -> Any:
+    scope = _scope.get()
+    if scope is None or scope.client_id != int(client_id):
+        raise RuntimeError(f"{what} is called from the client's own callback")
+    return scope
+
+
+def _note_member(
+    client_id: int, *, join: str | None = None, leave: str | None = None, **uid: Any
+) -> None:
+    """Keep a kept member's record of its groups and uid (changed in its own callback)."""
+    scope = _scope.get()
+    if scope is None or scope.client_id != client_id:
+        return
+    member = scope.session.get(presence.MEMBER_KEY)
+    if member is None:
+        return
+    groups = member.setdefault("groups", [])
+    if join is not None and join not in groups:
+        groups.append(join)
+    if leave is not None and leave in groups:
+        groups.remove(leave)
+    if uid:
+        member["uid"] = uid["uid"]
 
 
 # Sessions

@@ -14,10 +14,19 @@ Continuity (an extension; a client that does not ask sees none of it):
     {"type":"login",...,"resume":true}                     positions from now on
     {"type":"login",...,"resume":{"epoch":E,"offset":K}}   and first what came after
                                                            (E, K), the last seen
+    {"type":"login",...,"resume":{"token":T,"epoch":E,"offset":K}}
+                                                           and carry on as the member
+                                                           of token T (epoch/offset
+                                                           optional)
 Such a client's user_list also has "recovered" (false: some of what it missed
 is gone and none of it follows: start afresh), "missed" (how many room
-messages follow it as the replay) and "epoch"/"offset" (the room's position
-now); every room message it gets has "epoch" and "offset" too.
+messages follow it as the replay), "epoch"/"offset" (the room's position
+now), "uid" (its own), "token" (to resume with next time) and "resumed"
+(true: it carries on as the member of the token it gave, same uid and name,
+and nobody was told it left or joined; false: it is a new member). Every room
+message it gets has "epoch" and "offset" too. Such a member stays in the room
+for GRACE seconds (CHAT_GRACE, default 10) after its connection goes; its
+logout comes only if it is not back by then.
 
 Uses only the public API, like any application. Each room is the group
 "room:" + name; the default room has the empty name. Rooms keep their last
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from typing import Any
 
@@ -38,6 +48,7 @@ MAX_NAME = 32
 MAX_CONTENT = 4096
 HISTORY = 200
 HISTORY_SECONDS = 300.0
+GRACE = float(os.environ.get("CHAT_GRACE", "10"))
 
 api.keep_history("room:*", count=HISTORY, seconds=HISTORY_SECONDS)
 
@@ -79,7 +90,7 @@ def on_close(client_id: int, session: dict[str, Any]) -> None:
         return
     api.send_to_group(
         room_group(session.get("room", "")),
-        {"type": "logout", "uid": client_id, "name": name, "time": now()},
+        {"type": "logout", "uid": session.get("uid", client_id), "name": name, "time": now()},
     )
 
 
@@ -108,10 +119,22 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
         raise ChatError(
             "bad_field", f'field "room" must be a string of at most {MAX_NAME} characters'
         )
-    since = _since(request.get("resume"))
-    session["name"] = name
-    session["room"] = room
-    session["since"] = time.time()
+    since, token = _resume(request.get("resume"))
+    back = None if token is None else await api.resume(client_id, token, rejoin=False)
+    resumed = back is not None
+    if back is not None:  # the same member: its name, room and uid are back in session
+        room = session.get("room", "")
+    else:
+        session["name"] = name
+        session["room"] = room
+        session["since"] = time.time()
+        session["uid"] = client_id
+    member_token = None
+    if back is not None:
+        member_token = back["token"]
+    elif since is not None:
+        member_token = api.keep_member(client_id, grace=GRACE)
+        api.bind_uid(client_id, client_id)
     group = room_group(room)
     try:
         # Join first, holding the room's traffic back until the user_list below
@@ -120,28 +143,29 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
         joined = await api.join_group(client_id, group, hold=True, since=since)
         members = await api.get_client_sessions_by_group(group)
     except (TimeoutError, ConnectionError):
-        # Not half logged in: undo, and let the client try again.
-        for key in ("name", "room", "since"):
-            session.pop(key, None)
+        # Not half logged in: undo, and let the client try again. (A resumed
+        # member stays logged in: its token is spent, and its uid must not vanish.)
+        if not resumed:
+            for key in ("name", "room", "since", "uid", api.MEMBER_KEY):
+                session.pop(key, None)
         api.leave_group(client_id, group)
         raise ChatError("busy", "the server is busy, log in again") from None
     # Oldest login first, as in the capture (uids of different gateways do not
     # sort by age).
     logged_in = sorted(
-        (s.get("since", 0.0), uid, s["name"]) for uid, s in members.items() if "name" in s
+        (s.get("since", 0.0), s.get("uid", uid), s["name"])
+        for uid, s in members.items()
+        if "name" in s
     )
     users = ",".join([user_entry(uid, name) for _, uid, name in logged_in])
-    extra = ""
+    extra: dict[str, Any] = {}
     if since is not None and isinstance(joined, dict):
-        extra = (
-            ","
-            + json.dumps(
-                {k: joined[k] for k in ("recovered", "missed", "epoch", "offset")},
-                separators=(",", ":"),
-            )[1:-1]
-        )
-    api.send_to_client(client_id, '{"type":"user_list","user_list":[' + users + "]" + extra + "}")
-    api.send_to_group(group, {"type": "login", "uid": client_id, "name": name, "time": now()})
+        extra = {k: joined[k] for k in ("recovered", "missed", "epoch", "offset")}
+        extra.update(uid=session["uid"], token=member_token, resumed=resumed)
+    tail = "," + json.dumps(extra, separators=(",", ":"))[1:-1] if extra else ""
+    api.send_to_client(client_id, '{"type":"user_list","user_list":[' + users + "]" + tail + "}")
+    if not resumed:
+        api.send_to_group(group, {"type": "login", "uid": client_id, "name": name, "time": now()})
 
 
 async def say(client_id: int, request: dict[str, Any], session: dict[str, Any]) -> None:
@@ -155,12 +179,13 @@ async def say(client_id: int, request: dict[str, Any], session: dict[str, Any]) 
         raise ChatError("content_too_long", f"content has at most {MAX_CONTENT} characters")
     to_uid = request.get("to_uid")
     room = session.get("room", "")
+    me = session.get("uid", client_id)
     if to_uid == "all":
         api.send_to_group(
             room_group(room),
             {
                 "type": "say",
-                "from_uid": client_id,
+                "from_uid": me,
                 "to_uid": "all",
                 "content": content,
                 "time": now(),
@@ -168,34 +193,55 @@ async def say(client_id: int, request: dict[str, Any], session: dict[str, Any]) 
         )
         return
     target = _uid(to_uid)
-    peer = await api.get_session(target)
+    peer_id, peer = await _find(target)
     if peer is None or "name" not in peer or peer.get("room", "") != room:
         raise ChatError("unknown_uid", f"no logged-in user with uid {to_uid}")
     message = {
         "type": "say",
-        "from_uid": client_id,
+        "from_uid": me,
         "to_uid": target,
         "content": content,
         "time": now(),
     }
-    api.send_to_clients([target] if target == client_id else [target, client_id], message)
+    api.send_to_clients([peer_id] if peer_id == client_id else [peer_id, client_id], message)
 
 
-def _since(resume: Any) -> tuple[Any, ...] | None:
-    """The login's "resume": None (not asked), () (from now), or (epoch, offset)."""
+async def _find(uid: int) -> tuple[int, dict[str, Any] | None]:
+    """The client id and session of the user ``uid``: its own client id, or, for a
+    member that resumed on another connection, the client bound to it."""
+    peer = await api.get_session(uid)
+    if peer is not None and peer.get("uid", uid) == uid:
+        return uid, peer
+    for client_id in await api.get_client_ids_by_uid(uid):
+        peer = await api.get_session(client_id)
+        if peer is not None and peer.get("uid") == uid:
+            return client_id, peer
+    return uid, None
+
+
+def _resume(resume: Any) -> tuple[tuple[Any, ...] | None, str | None]:
+    """The login's "resume": (since, token). since is None (not asked), () (from
+    now) or (epoch, offset); token is the member to carry on as, or None."""
     if resume is None or resume is False:
-        return None
+        return None, None
     if resume is True:
-        return ()
-    if (
-        isinstance(resume, dict)
-        and isinstance(resume.get("epoch"), str)
-        and isinstance(resume.get("offset"), int)
-        and not isinstance(resume.get("offset"), bool)
-        and len(resume["epoch"]) <= 64
-    ):
-        return (resume["epoch"], resume["offset"])
-    raise ChatError("bad_field", 'field "resume" must be true or {"epoch":E,"offset":K}')
+        return (), None
+    if isinstance(resume, dict):
+        token = resume.get("token")
+        epoch, offset = resume.get("epoch"), resume.get("offset")
+        if token is not None and (not isinstance(token, str) or len(token) > 128):
+            raise ChatError("bad_field", 'field "resume.token" must be a string')
+        if epoch is None and offset is None:
+            if token is not None:
+                return (), token
+        elif (
+            isinstance(epoch, str)
+            and isinstance(offset, int)
+            and not isinstance(offset, bool)
+            and len(epoch) <= 64
+        ):
+            return (epoch, offset), token
+    raise ChatError("bad_field", 'field "resume" must be true or {"token":T,"epoch":E,"offset":K}')
 
 
 @functools.lru_cache(maxsize=100_000)

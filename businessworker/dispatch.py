@@ -13,8 +13,10 @@ handled, nothing else is touched, and the worker carries on.
 The dispatcher also remembers which clients it serves on each gateway, with
 their latest session. That is the one thing a worker keeps, and only for
 recovery: when a gateway dies it cannot send close events, so each worker runs
-on_close for its own clients of that gateway. Gateways re-announce a dead
-worker's clients to their new workers (ADOPT), so every client stays known.
+on_close for its own clients of that gateway (or, for members the app keeps
+through a disconnect, parks them on a live gateway: ``businessworker.presence``).
+Gateways re-announce a dead worker's clients to their new workers (ADOPT), so
+every client stays known.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 from businessworker import api
 from businessworker.app import App, Request
+from businessworker.presence import Parker
 from gateway import protocol as p
 from gateway.client import GatewayLink, Run, encode_set_session, when_receipted
 from gateway.ids import prefix_of
@@ -85,6 +88,7 @@ class Dispatcher:
         self.app = app
         self.own_run = own_run or (lambda: Run("worker", 0, None))
         """the run of commands no event caused (made-up closes of a dead gateway)"""
+        self.parker = Parker(api.linked, lambda: self.own_run(), {}, self._close_gone)
         self._scopes: dict[asyncio.Future[None], Scope] = {}
         self.busy: dict[int, deque[tuple[GatewayLink, list[Any]]]] = {}
         self.sessions: dict[int, tuple[int, bytes]] = {}
@@ -92,6 +96,7 @@ class Dispatcher:
         copy catches up: an event already in flight carries the older copy."""
         self.served: dict[str, dict[int, tuple[int, bytes]]] = {}
         """gateway id -> {client id: (version, packed session)} of the clients we serve"""
+        self.parker.served = self.served
         self.tasks: set[asyncio.Future[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -159,6 +164,8 @@ class Dispatcher:
         if op == p.EVENT_MESSAGE:
             return app.on_message(client_id, message[5], session)
         if op == p.EVENT_CLOSE:
+            if len(message) > 5 and message[5]:
+                return None  # a kept member that came back as another client
             return app.on_close(client_id, session)
         if op == p.EVENT_CONNECT:
             path, query, headers, peer = message[5]
@@ -239,7 +246,11 @@ class Dispatcher:
                 len(served),
             )
         for client_id, (version, packed) in served.items():
-            self.on_event(link, [p.EVENT_CLOSE, None, client_id, version, packed])
+            if not self.parker.park(link, client_id, version, packed):
+                self._close_gone(link, client_id, version, packed)
+
+    def _close_gone(self, link: GatewayLink, client_id: int, version: int, packed: bytes) -> None:
+        self.on_event(link, [p.EVENT_CLOSE, None, client_id, version, packed])
 
     def _done(self, scope: Scope, seq: int | None, op: int) -> None:
         if op == p.EVENT_CLOSE:

@@ -74,8 +74,8 @@ class GatewayLinks:
         self.links: dict[str, GatewayLink] = {}
         self.by_prefix: dict[int, GatewayLink] = {}
         self._tables: dict[int, tuple[float, bool, dict[str, dict[str, Any]]]] = {}
-        self.gone: dict[str, None] = {}
-        """gateways declared gone (we ran on_close for their clients)"""
+        self.gone: dict[str, float] = {}
+        """gateways declared gone (we ran on_close for their clients) -> when (monotonic)"""
         self.last_tick = time.monotonic()
         self._own_run: Run | None = None
         self._own_seq = 0
@@ -187,7 +187,7 @@ class GatewayLinks:
         if any(settled for _, settled, _ in fresh):
             for gid in [g for g in self.links if g not in listed]:
                 link = self._unlink(gid)
-                self.gone[gid] = None
+                self.gone[gid] = time.monotonic()
                 if len(self.gone) > GONE_KEPT:
                     del self.gone[next(iter(self.gone))]
                 if self.on_gone is not None:

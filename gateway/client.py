@@ -97,6 +97,22 @@ def encode_unbind_uid(client_id: int, uid: str) -> bytes:
     return p.pack([p.UNBIND_UID, client_id, uid])
 
 
+def encode_keep(client_id: int, secret: str, grace: float) -> bytes:
+    return p.pack([p.KEEP, client_id, secret, grace])
+
+
+def encode_park(
+    client_id: int,
+    version: int,
+    packed_session: bytes,
+    groups: list[str],
+    uid: str | None,
+    secret: str,
+    grace: float,
+) -> bytes:
+    return p.pack([p.PARK, client_id, version, packed_session, groups, uid, secret, grace])
+
+
 def encode_set_session(client_id: int, packed_session: bytes) -> bytes:
     return p.pack([p.SET_SESSION, client_id, packed_session])
 

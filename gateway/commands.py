@@ -19,6 +19,7 @@ from gateway.dedup import Seen
 if TYPE_CHECKING:
     from gateway.clients import ClientTable
     from gateway.connection import ClientConnection
+    from gateway.presence import Presence
     from gateway.streams import StreamLink
     from gateway.workers import WorkerLink, WorkerPool
 
@@ -43,9 +44,11 @@ class Commands:
         on_declared_gone: Callable[[], None] = lambda: None,
         gateway_id: Callable[[], str] = str,
         streams: StreamLink | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.clients = clients
         self.streams = streams
+        self.presence = presence
         self.pool = pool
         self.prefixes = prefixes
         """this gateway's client id prefixes: events whose runs are counted in pool.effects"""
@@ -70,6 +73,8 @@ class Commands:
             p.UNBIND_UID: self._unbind_uid,
             p.SET_SESSION: self._set_session,
             p.UPDATE_SESSION: self._update_session,
+            p.KEEP: self._keep,
+            p.PARK: self._park,
             p.QUERY: self._query,
         }
         self._queries: dict[str, Callable[..., Any]] = {
@@ -84,6 +89,7 @@ class Commands:
             p.Q_GROUP_COUNT: lambda g: len(self.clients.members(g)),
             p.Q_GROUPS: lambda: list(self.clients.groups),
             p.Q_COUNT: lambda: len(self.clients),
+            p.Q_RESUME: self._q_resume,
         }
 
     def handle(self, parts: list[bytes]) -> None:
@@ -330,6 +336,22 @@ class Commands:
             session = p.unpack_session(conn.session)
             session.update(p.unpack_session(m[2]))
             conn.replace_session(p.pack_session(session))
+
+    # Members kept through a disconnect (gateway.presence)
+
+    def _keep(self, worker_id: bytes, m: list[Any]) -> None:
+        conn = self.clients.get(m[1])
+        if conn is not None and self.presence is not None:
+            self.presence.keep(conn, m[2], m[3])
+
+    def _park(self, worker_id: bytes, m: list[Any]) -> None:
+        if self.presence is not None:
+            self.presence.park(worker_id, m)
+
+    def _q_resume(self, client_id: int, secret: str, new_client_id: int) -> Any:
+        if self.presence is None:
+            return None
+        return self.presence.resume(int(client_id), str(secret), int(new_client_id))
 
     # Queries
 

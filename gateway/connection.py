@@ -108,6 +108,7 @@ class ClientConnection(asyncio.Protocol):
         "gateway",
         "groups",
         "hold",
+        "kept",
         "pending",
         "queued",
         "session",
@@ -145,6 +146,8 @@ class ClientConnection(asyncio.Protocol):
         ``pending``, what the flood limit counts"""
         self.groups: set[str] | None = None
         self.uid: str | None = None
+        self.kept: tuple[str, float] | None = None
+        """(secret, grace) of a member the app keeps through a disconnect (gateway.presence)"""
         self.hold: list[bytes] | None = None
         """frames held back until the next direct send (see ``hold_until_direct``)"""
         self._hold_timer: asyncio.TimerHandle | None = None

@@ -49,6 +49,11 @@ Worker -> gateway
     [UNBIND_UID, client_id, uid]
     [SET_SESSION, client_id, packed_session]
     [UPDATE_SESSION, client_id, packed_changes]
+    [KEEP, client_id, secret, grace]    keep this client as a member for ``grace``
+                                        seconds after its socket goes (gateway.presence)
+    [PARK, client_id, version, packed_session, groups, uid, secret, grace]
+                                        a kept member of a dead gateway waits here,
+                                        bound to the sending worker
     [QUERY, req_id, kind, args]                 answered with REPLY
 
 Gateway -> worker
@@ -58,6 +63,8 @@ Gateway -> worker
     [EVENT_CONNECT, seq, client_id, version, session, request]
     [EVENT_MESSAGE, seq, client_id, version, session, data]
     [EVENT_CLOSE, seq, client_id, version, session]
+    [EVENT_CLOSE, seq, client_id, version, session, True]   the member came back as
+                                        another client (RESUME): forget it, no on_close
     [EVENT_ADOPT, [[client_id, version, session], ...]]   clients now bound to this worker
     [REPLY, req_id, result]
     [BYE_OK]                            after this no event of this gateway follows
@@ -95,6 +102,8 @@ BIND_UID = 23
 UNBIND_UID = 24
 SET_SESSION = 25
 UPDATE_SESSION = 26
+KEEP = 27
+PARK = 28
 QUERY = 30
 MSG = 40
 CAUSE = 41
@@ -111,7 +120,7 @@ FENCED = 114
 
 EFFECTS = frozenset(
     {SEND, SEND_ALL, SEND_GROUP, SEND_UID, CLOSE, PUBLISH_GROUP, JOIN, LEAVE, UNGROUP}
-    | {BIND_UID, UNBIND_UID, SET_SESSION, UPDATE_SESSION}
+    | {BIND_UID, UNBIND_UID, SET_SESSION, UPDATE_SESSION, KEEP, PARK}
 )
 """Commands that change something: each is carried out at most once per place in
 its event's run (queries and acknowledgements are not counted)."""
@@ -128,6 +137,7 @@ Q_GROUP_COUNT = "group_count"  # [group] -> int
 Q_GROUPS = "groups"  # [] -> [group, ...]
 Q_COUNT = "count"  # [] -> int
 Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, packed session], ...]
+Q_RESUME = "resume"  # [client_id, secret, new_client_id] -> [version, packed, groups, uid] | None
 
 HEARTBEAT = 1.0
 """Seconds between two HELLOs of a worker on each of its links."""

@@ -26,6 +26,7 @@ from gateway.clients import ClientTable
 from gateway.commands import Commands
 from gateway.connection import ClientConnection
 from gateway.ids import IdAllocator, fresh_prefix
+from gateway.presence import Presence
 from gateway.streams import StreamLink
 from gateway.workers import WorkerPool
 from gateway.zmqreader import BatchReader
@@ -116,6 +117,8 @@ class Gateway:
             self.pool.event(conn, protocol.EVENT_MESSAGE, message)
 
     def closed(self, conn: ClientConnection) -> None:
+        if self.presence.closed(conn):
+            return  # a kept member: away for its grace, no close event yet
         self.streams.forget(conn)
         self.clients.remove(conn)
         self.pool.event(conn, protocol.EVENT_CLOSE)
@@ -186,6 +189,9 @@ class Gateway:
             keys=self.config.keys,
             link_timeout=self.config.link_timeout,
         )
+        self.presence = Presence(
+            self.clients, self.pool, self.streams, lambda: ClientConnection(self)
+        )
         self.commands = Commands(
             self.clients,
             self.pool,
@@ -193,6 +199,7 @@ class Gateway:
             on_declared_gone=self._declared_gone,
             gateway_id=lambda: self.id,
             streams=self.streams,
+            presence=self.presence,
         )
         self.register = RegisterClient(
             self.config.registers,
@@ -226,6 +233,7 @@ class Gateway:
             reading.cancel()
         finally:
             server.close()
+            self.presence.drop_all()  # the workers park them elsewhere once we are gone
             for task in tasks:
                 task.cancel()
             self.register.bye(self.id)
@@ -309,14 +317,19 @@ class Gateway:
             if first + batch < len(conns):
                 await asyncio.sleep(tick)
         deadline = start + self.config.drain_time
-        while len(self.clients) and time.monotonic() < deadline:
+        while self.presence.live and time.monotonic() < deadline:
             await asyncio.sleep(tick)
         for conn in list(self.clients):
             conn.abort()
         await asyncio.sleep(0)  # let connection_lost run for the aborted ones
         while self.pool.busy and self.pool.live and time.monotonic() < deadline + 2:
             await asyncio.sleep(tick)
-        log.info("drained in %.2f s, unanswered=%d", time.monotonic() - start, len(self.clients))
+        log.info(
+            "drained in %.2f s, unanswered=%d away=%d",
+            time.monotonic() - start,
+            self.presence.live,
+            len(self.presence.away),
+        )
 
     # Workers side
 
@@ -375,14 +388,15 @@ class Gateway:
         event of their own; what waited for a worker goes with them, and the
         gateway joins again under a new id and a new id prefix.
         """
-        conns = list(self.clients)
         log.warning(
             "this gateway was declared gone (paused or cut off): closing its clients "
             "with 1012 so that they reconnect, joining again as a new gateway id=%s clients=%d",
             self.id,
-            len(conns),
+            self.presence.live,
         )
         self.pool.reset()
+        self.presence.drop_all()
+        conns = list(self.clients)
         for conn in conns:
             self.streams.forget(conn)
             self.clients.remove(conn)

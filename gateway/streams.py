@@ -198,9 +198,15 @@ class StreamLink:
         since: list[Any],
         reply: Callable[[Any], None],
     ) -> None:
-        """Join a client that wants positions; with (epoch, offset), after what it missed."""
+        """Join a client that wants positions; with (epoch, offset), after what it missed.
+
+        From now (``since`` empty) on a group this gateway knows no position of,
+        the register is asked where the group stands, as for a resume: a member
+        whose gateway had not seen the group yet would otherwise start from
+        ("", 0), from which nothing can be recovered.
+        """
         self.positioned.setdefault(group, set()).add(conn.client_id)
-        if len(since) != 2:
+        if len(since) != 2 and group in self.groups:
             self.clients.join(conn, group)
             reply(self._answer(group, True, 0))
             return
@@ -210,7 +216,7 @@ class StreamLink:
             self.link_timeout, self._resume_timed_out, req, resume
         )
         self._fetches[req] = lambda m: self._resumed(resume, m)
-        epoch, offset = since
+        epoch, offset = since if len(since) == 2 else ("", -1)
         self._send(rp.pack([rp.FETCH, req, group, epoch, offset]), self._register_of(epoch))
 
     def _resumed(self, resume: Resume, m: list[Any]) -> None:
@@ -232,7 +238,7 @@ class StreamLink:
         # yet (a gap being filled): this client had it in the replay.
         self.floors[(group, conn.client_id)] = last
         self.clients.join(conn, group)
-        answer = self._answer(group, entries is not None, missed)
+        answer = self._answer(group, entries is not None or not resume.since, missed)
         if epoch:  # the register's position of the stream, which the replay reached
             answer["epoch"], answer["offset"] = epoch, last
         resume.reply(answer)

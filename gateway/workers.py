@@ -167,7 +167,7 @@ class WorkerPool:
     def _send(self, worker: WorkerLink, conn: ClientConnection, item: Item) -> None:
         seq, opcode, payload = item
         message = [opcode, seq, conn.client_id, conn.session_version, conn.session]
-        if opcode != protocol.EVENT_CLOSE:
+        if opcode != protocol.EVENT_CLOSE or payload is not None:
             message.append(payload)
         worker.unacked[seq] = (conn, item)
         conn.pending += 1

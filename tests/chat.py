@@ -61,7 +61,9 @@ class ChatClient:
 
         Room traffic that was held back during the login (others' logins and
         says) comes right after the user_list, possibly before our own login;
-        those frames are kept for later ``recv`` calls, in order.
+        those frames are kept for later ``recv`` calls, in order. A member that
+        resumed (``"resumed": true`` in the user_list) is announced to nobody:
+        then the user_list is all there is.
         """
         request: dict[str, Any] = {"type": "login", "name": name}
         if room is not None:
@@ -70,6 +72,9 @@ class ChatClient:
         await self.send(request)
         self.user_list = await self.expect("user_list")
         users = self.user_list["user_list"]
+        if self.user_list.get("resumed"):
+            self.uid = self.user_list["uid"]
+            return users
         mine = {u["uid"] for u in users if u["name"] == name}
         ahead: list[dict[str, Any]] = []
         while True:

@@ -1,0 +1,156 @@
+"""Presence with a grace period: a member that comes back in time carries on.
+
+Real processes and sockets; the chat's grace is 2 s here (CHAT_GRACE). Members
+log in with "resume" and come back with the token their user_list gave them.
+What must not arrive (a logout, a login) is shown absent by a marker said
+after it: every observer reads up to the marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.chat import ChatClient
+from tests.cluster import Cluster
+
+GRACE = 2.0
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with Cluster(gateways=3, workers=2, env={"CHAT_GRACE": str(GRACE)}) as cluster:
+        yield cluster
+
+
+async def member(url: str, name: str, room: str, resume: Any = True) -> ChatClient:
+    client = await ChatClient.open(url)
+    await client.login(name, room=room, resume=resume)
+    return client
+
+
+async def read_to(client: ChatClient, marker: str) -> list[dict[str, Any]]:
+    """Everything ``client`` gets up to and including the say ``marker``."""
+    seen = []
+    while True:
+        message = await client.recv()
+        seen.append(message)
+        if message["type"] == "say" and message["content"] == marker:
+            return seen
+
+
+def resume_of(client: ChatClient) -> dict[str, Any]:
+    """What ``client`` would send to carry on: its token and the last position it read."""
+    last = next((m for m in reversed(client.received) if "offset" in m), client.user_list)
+    return {"token": client.user_list["token"], "epoch": last["epoch"], "offset": last["offset"]}
+
+
+def kinds(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["type"] for m in messages if m["type"] in ("login", "logout")]
+
+
+def roster(client: ChatClient) -> list[tuple[int, str]]:
+    return sorted((u["uid"], u["name"]) for u in client.user_list["user_list"])
+
+
+def test_back_within_grace_nobody_sees_leave_or_join(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        room = "grace-back"
+        watcher = await member(cluster.ws_url(1), "watcher", room)
+        alice = await member(cluster.ws_url(0), "alice", room)
+        await watcher.expect("login")
+        uid, resume = alice.uid, resume_of(alice)
+        alice.ws.transport.abort()
+        await watcher.say("while away")
+        await read_to(watcher, "while away")  # sequenced before the resume
+        again = await ChatClient.open(cluster.ws_url(2))
+        await again.login("alice", room=room, resume=resume)
+        back = again.user_list
+        assert back["resumed"] is True and back["uid"] == uid, back
+        assert back["recovered"] is True and back["missed"] == 1, (back, resume)
+        assert roster(again) == sorted([(uid, "alice"), (watcher.uid, "watcher")])
+        await again.say("back")
+        seen = await read_to(watcher, "back")
+        assert kinds(seen) == [], seen
+        assert [m["from_uid"] for m in seen if m["type"] == "say"][-1] == uid
+        replay = await read_to(again, "back")
+        assert [m.get("content") for m in replay if m["type"] == "say"] == ["while away", "back"]
+        # Private messages find the member by its uid on its new connection.
+        await watcher.say("psst", to=uid)
+        await watcher.say("marker")
+        got = await read_to(again, "marker")
+        assert [m["content"] for m in got if m["type"] == "say"] == ["psst", "marker"]
+        for client in (watcher, again):
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_not_back_leaves_once_after_grace(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        room = "grace-gone"
+        watcher = await member(cluster.ws_url(1), "watcher", room)
+        bob = await member(cluster.ws_url(0), "bob", room)
+        await watcher.expect("login")
+        bob.ws.transport.abort()
+        logout = await watcher.recv(timeout=GRACE + 10)
+        assert logout["type"] == "logout" and logout["uid"] == bob.uid, logout
+        late = await ChatClient.open(cluster.ws_url(2))
+        await late.login("bob", room=room, resume={"token": bob.user_list["token"]})
+        assert late.user_list["resumed"] is False
+        assert late.uid != bob.uid
+        await late.say("marker")
+        seen = await read_to(watcher, "marker")
+        assert kinds(seen) == ["login"], seen  # a new member, and no second logout
+        for client in (watcher, late):
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_gateway_killed_members_carry_on(cluster: Cluster) -> None:
+    """Every member of the killed gateway resumes elsewhere; one does not come back
+    and leaves once, after the grace; every roster is exact."""
+
+    async def scenario() -> None:
+        room = "grace-kill"
+        stay = [await member(cluster.ws_url(1), f"stay{i}", room) for i in range(3)]
+        moving = [await member(cluster.ws_url(0), f"move{i}", room) for i in range(4)]
+        for client in stay:
+            await read_logins(client, len(moving) + len(stay) - 1 - stay.index(client))
+        cluster.kill_gateway(0)
+        read = [len(client.received) for client in stay]
+        await stay[0].say("while dead")
+        comeback = []
+        for client in moving[:3]:
+            again = await ChatClient.open(cluster.ws_url(2))
+            await again.login("someone", room=room, resume=resume_of(client))
+            assert again.user_list["resumed"] is True, again.user_list
+            assert again.uid == client.uid
+            comeback.append(again)
+        gone = moving[3]
+        while (logout := await stay[1].recv(timeout=GRACE + 15))["type"] != "logout":
+            pass
+        assert logout["uid"] == gone.uid, logout
+        await stay[0].say("marker")
+        for client, start in zip(stay, read, strict=True):
+            seen = [m for m in client.received[start:] if m["type"] in ("login", "logout")]
+            seen += await read_to(client, "marker")
+            logouts = [m["uid"] for m in seen if m["type"] == "logout"]
+            assert kinds(seen).count("login") == 0 and logouts == [gone.uid], seen
+        everyone = {c.uid for c in stay + comeback}
+        check = await member(cluster.ws_url(1), "check", room)
+        assert {u["uid"] for u in check.user_list["user_list"]} == everyone | {check.uid}
+        for client in stay + comeback + [check]:
+            await client.close()
+        cluster.start_gateway(0)
+
+    asyncio.run(scenario())
+
+
+async def read_logins(client: ChatClient, n: int) -> None:
+    for _ in range(n):
+        await client.expect("login")
