@@ -315,10 +315,13 @@ def keep_member(client_id: int, *, grace: float = presence.DEFAULT_GRACE) -> str
     returns the token that a new connection gives ``resume`` to carry on as it.
 
     Call it from the client's own callback, before joining its groups and binding
-    its uid: those are what a resume gives back. A member that does not come
-    back within the grace gets its on_close then, once; while away it stays in
-    its groups' rosters and is sent nothing (history groups keep what it
-    missed). Each call makes a new token; the last one is the one that works.
+    its uid: those are what a resume gives back. The grace starts when the
+    connection drops or our side closes it (a drain, a gateway that died); a
+    client that closes it itself (a close frame: a Leave button, a closed tab)
+    has left, and its on_close runs at once. A member that does not come back
+    within the grace gets its on_close then, once; while away it stays in its
+    groups' rosters and is sent nothing (history groups keep what it missed).
+    Each call makes a new token; the last one is the one that works.
     """
     scope = _own_scope(client_id, "keep_member")
     link = _cluster().for_client(client_id)
@@ -376,9 +379,10 @@ async def resume(client_id: int, token: str, *, rejoin: bool = True) -> dict[str
             link.gateway_id == gateway_id and not isinstance(a, BaseException)
             for link, a in zip(links, answers, strict=True)
         )
-        gone_at = cluster.gone.get(gateway_id)
-        now = time.monotonic()
-        if asked_it or now - (gone_at or started) > presence.PARK_WAIT:
+        # The workers park a dead gateway's members as they learn it is gone, or,
+        # while no gateway was linked, as soon as one is.
+        since = max(cluster.gone.get(gateway_id) or started, cluster.linked_at)
+        if asked_it or time.monotonic() - since > presence.PARK_WAIT:
             return None  # its gateway answered, or had time to be parked: not kept
         await asyncio.sleep(presence.RESUME_RETRY)
     _version, packed, groups, uid = found

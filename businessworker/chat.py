@@ -25,8 +25,9 @@ now), "uid" (its own), "token" (to resume with next time) and "resumed"
 (true: it carries on as the member of the token it gave, same uid and name,
 and nobody was told it left or joined; false: it is a new member). Every room
 message it gets has "epoch" and "offset" too. Such a member stays in the room
-for GRACE seconds (CHAT_GRACE, default 10) after its connection goes; its
-logout comes only if it is not back by then.
+for GRACE seconds (CHAT_GRACE, default 10) after its connection drops (or the
+server closed it); its logout comes only if it is not back by then. One that
+closes its connection itself has left: its logout comes at once.
 
 Uses only the public API, like any application. Each room is the group
 "room:" + name; the default room has the empty name. Rooms keep their last

@@ -76,6 +76,8 @@ class GatewayLinks:
         self._tables: dict[int, tuple[float, bool, dict[str, dict[str, Any]]]] = {}
         self.gone: dict[str, float] = {}
         """gateways declared gone (we ran on_close for their clients) -> when (monotonic)"""
+        self.linked_at = 0.0
+        """when the newest link was made (monotonic)"""
         self.last_tick = time.monotonic()
         self._own_run: Run | None = None
         self._own_seq = 0
@@ -218,6 +220,7 @@ class GatewayLinks:
             link_timeout=self.link_timeout,
         )
         self.links[entry["id"]] = link
+        self.linked_at = time.monotonic()
         for prefix in entry["prefixes"]:
             self.by_prefix[prefix] = link
         link.start()

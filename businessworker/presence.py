@@ -41,7 +41,7 @@ PARK_WAIT = 1.0
 the workers that served its clients park them as they learn it, each at its own
 moment."""
 RESUME_RETRY = 0.1
-NO_GATEWAY_RETRY = 0.5
+NO_GATEWAY_RETRY = 0.2
 """Seconds between two tries to park a member while no gateway is linked."""
 
 

@@ -1,9 +1,11 @@
 """Members kept through a disconnect: the gateway's side of the app's grace period.
 
 A client the app keeps (KEEP, sent by ``api.keep_member``) does not leave when
-its socket goes. It stays in the client table with its session, groups and
-uid, as an *away* member that is written nothing, for the grace the app chose:
-group rosters still list it, and nobody is told it left. Then either
+its connection drops or is closed by our side (a drain's 1012, a gateway
+going away); one that closes it itself, with a close frame, has left. It
+stays in the client table with its session, groups and uid, as an *away*
+member that is written nothing, for the grace the app chose: group rosters
+still list it, and nobody is told it left. Then either
 
 - it comes back: the worker handling its new connection, on any gateway, asks
   every gateway to RESUME it; the one that holds it takes it out of the table
@@ -83,6 +85,9 @@ class Presence:
             return True
         if conn.kept is None or conn.kept[1] <= 0:
             return False
+        ws = conn.ws
+        if ws is not None and ws.close_rcvd is not None and ws.close_rcvd_then_sent:
+            return False  # the client said goodbye (a Leave button, a closed tab): it left
         self._away(conn)
         return True
 

@@ -2,7 +2,7 @@
 
 import config from "./config.js";
 import { ReconnectingSocket } from "./connection.js";
-import { MAX_CONTENT, MAX_NAME, charCount, loginMessage, parseMessage, sayMessage } from "./protocol.js";
+import { MAX_CONTENT, MAX_NAME, charCount, loginMessage, parseMessage, resumeField, sayMessage } from "./protocol.js";
 import { View, localTimestamp } from "./view.js";
 
 const WS_RE = /^wss?:\/\/[^\s/]+/i;
@@ -38,6 +38,8 @@ class ChatApp {
     this.pending = []; // events that arrived before our user_list
     this.recipient = "all"; // "all", a uid, or {gone: name}
     this.unread = 0;
+    this.token = null; // the member token of the last user_list: a reconnect carries on with it
+    this.position = null; // {epoch, offset} of the last room message shown
     this.loginTimer = null;
     this.baseTitle = document.title;
   }
@@ -108,6 +110,8 @@ class ChatApp {
     this.phase = "joining";
     this.hasJoined = false;
     this.selfUid = null;
+    this.token = null;
+    this.position = null;
     this.users.clear();
     this.recipient = "all";
     this.view.clearMessages();
@@ -143,7 +147,7 @@ class ChatApp {
   onOpen() {
     this.phase = "joining";
     this.pending = [];
-    this.socket.send(loginMessage(this.name, this.room));
+    this.socket.send(loginMessage(this.name, this.room, resumeField(this.token, this.position)));
     clearTimeout(this.loginTimer);
     const socket = this.socket;
     this.loginTimer = setTimeout(() => {
@@ -154,7 +158,8 @@ class ChatApp {
   onClose({ code, wasOpen }) {
     if (this.phase === "chat") {
       this.phase = "joining";
-      this.system(`Connection lost${code ? ` (code ${code})` : ""}. Reconnecting…`);
+      // The close code means nothing to a reader (1006, 1012...): say what happens instead.
+      this.system("Connection lost. Reconnecting…");
       this.renderUsers(true);
     } else if (!wasOpen && !this.hasJoined && this.socket?.attempt === 0) {
       this.system(`Cannot reach the chat server at ${this.url}; retrying…`);
@@ -165,7 +170,7 @@ class ChatApp {
     const msg = parseMessage(data);
     if (!msg) return; // not JSON or not a message we know: ignore, never render raw frames
     if (msg.type === "error") return this.onError(msg);
-    if (msg.type === "user_list") return this.onUserList(msg.users);
+    if (msg.type === "user_list") return this.onUserList(msg);
     if (this.phase !== "chat") {
       this.pending.push(msg); // replayed once our user_list is in
       return;
@@ -184,9 +189,12 @@ class ChatApp {
     this.view.setComposerStatus(text, true);
   }
 
-  onUserList(users) {
+  onUserList(list) {
+    const users = list.users;
     clearTimeout(this.loginTimer);
     const rejoin = this.hasJoined;
+    if (list.token) this.token = list.token;
+    if (list.recovered === false || !this.position) this.position = list.position;
     this.phase = "chat";
     this.hasJoined = true;
     this.socket.resetBackoff();
@@ -197,8 +205,8 @@ class ChatApp {
     // name whose uid is in this list: users who join after the list was built cannot be in it,
     // and the others in it logged in before us, so their login events were never sent to us.
     const mine = users.filter((u) => u.name === this.name).map((u) => u.uid);
-    this.selfUid = mine.length === 1 ? mine[0] : null;
-    this.selfCandidates = mine.length > 1 ? new Set(mine) : null;
+    this.selfUid = list.uid ?? (mine.length === 1 ? mine[0] : null);
+    this.selfCandidates = this.selfUid === null && mine.length > 1 ? new Set(mine) : null;
     // Every uid changes on a reconnect: keep a private recipient by name if still unambiguous.
     if (rejoin && this.recipient !== "all") {
       const oldName = typeof this.recipient === "object" ? this.recipient.gone : this.names.get(this.recipient);
@@ -208,13 +216,26 @@ class ChatApp {
     this.renderUsers();
     this.view.setStatus("online", "Connected");
     this.view.setComposerStatus("");
-    if (rejoin) this.system(`Reconnected. ${users.length} online.`);
+    if (rejoin) {
+      const missed = list.missed ? ` ${list.missed} missed message${list.missed === 1 ? "" : "s"} follow.` : "";
+      this.system(`Reconnected. ${users.length} online.${list.recovered ? missed : ""}`);
+      if (list.recovered === false) {
+        this.system("Some messages from while you were away could not be recovered: the chat above may have gaps.");
+      }
+    }
     const pending = this.pending;
     this.pending = [];
     for (const msg of pending) this.onEvent(msg);
   }
 
   onEvent(msg) {
+    const at = msg.position;
+    if (at) {
+      // Positions only grow within an epoch: one not past the last shown was shown already.
+      const last = this.position;
+      if (last && last.epoch === at.epoch && at.offset <= last.offset) return;
+      this.position = at;
+    }
     switch (msg.type) {
       case "login": {
         if (this.selfUid === null && msg.name === this.name && this.selfCandidates?.has(msg.uid)) {
