@@ -154,3 +154,66 @@ def test_gateway_killed_members_carry_on(cluster: Cluster) -> None:
 async def read_logins(client: ChatClient, n: int) -> None:
     for _ in range(n):
         await client.expect("login")
+
+
+def test_drained_gateway_members_carry_on(cluster: Cluster) -> None:
+    """A drain (1012) closes the members on gateway 1; they resume on gateway 2."""
+
+    async def scenario() -> None:
+        room = "grace-drain"
+        watcher = await member(cluster.ws_url(2), "watcher", room)
+        moving = [await member(cluster.ws_url(1), f"drained{i}", room) for i in range(3)]
+        await read_logins(watcher, len(moving))
+        read = len(watcher.received)
+        cluster.stop_gateway(1)
+        for client in moving:
+            assert (await client.closed())[0] == 1012
+        comeback = []
+        for client in moving:
+            again = await ChatClient.open(cluster.ws_url(2))
+            await again.login("someone", room=room, resume=resume_of(client))
+            assert again.user_list["resumed"] is True and again.uid == client.uid
+            comeback.append(again)
+        await watcher.say("marker")
+        seen = watcher.received[read:] + await read_to(watcher, "marker")
+        assert kinds(seen) == [], seen
+        assert roster(comeback[0]) == sorted(
+            [(watcher.uid, "watcher")] + [(c.uid, f"drained{i}") for i, c in enumerate(moving)]
+        )
+        for client in [watcher, *comeback]:
+            await client.close()
+        cluster.start_gateway(1)
+
+    asyncio.run(scenario())
+
+
+def test_worker_killed_during_grace(cluster: Cluster) -> None:
+    """Members away while a worker dies: one comes back and carries on, the other
+    leaves once after the grace (its close event goes to the worker that took over)."""
+
+    async def scenario() -> None:
+        room = "grace-worker"
+        watcher = await member(cluster.ws_url(1), "watcher", room)
+        back = await member(cluster.ws_url(0), "back", room)
+        gone = await member(cluster.ws_url(0), "gone", room)
+        await read_logins(watcher, 2)
+        read = len(watcher.received)
+        back.ws.transport.abort()
+        gone.ws.transport.abort()
+        cluster.kill_worker(0)
+        again = await ChatClient.open(cluster.ws_url(2))
+        await again.login("back", room=room, resume=resume_of(back))
+        assert again.user_list["resumed"] is True and again.uid == back.uid
+        while (logout := await watcher.recv(timeout=GRACE + 15))["type"] != "logout":
+            pass
+        assert logout["uid"] == gone.uid, logout
+        await watcher.say("marker")
+        seen = watcher.received[read:] + await read_to(watcher, "marker")
+        assert [(m["type"], m["uid"]) for m in seen if m["type"] in ("login", "logout")] == [
+            ("logout", gone.uid)
+        ], seen
+        for client in (watcher, again):
+            await client.close()
+        cluster.start_worker(0)
+
+    asyncio.run(scenario())
