@@ -239,15 +239,19 @@ class Dispatcher:
     def gateway_gone(self, link: GatewayLink) -> None:
         """A gateway died: its clients are gone; run on_close for the ones we served."""
         served = self.served.pop(link.gateway_id, {})
-        if served:
-            log.warning(
-                "gateway gone, closing its clients gateway=%s clients=%d",
-                link.gateway_id,
-                len(served),
-            )
+        parked = 0
         for client_id, (version, packed) in served.items():
-            if not self.parker.park(link, client_id, version, packed):
+            if self.parker.park(link, client_id, version, packed):
+                parked += 1
+            else:
                 self._close_gone(link, client_id, version, packed)
+        log.log(
+            logging.WARNING if served else logging.INFO,
+            "gateway gone, closing its clients gateway=%s clients=%d parked=%d",
+            link.gateway_id,
+            len(served) - parked,
+            parked,
+        )
 
     def _close_gone(self, link: GatewayLink, client_id: int, version: int, packed: bytes) -> None:
         self.on_event(link, [p.EVENT_CLOSE, None, client_id, version, packed])

@@ -135,6 +135,3 @@ class Parker:
             self.own_run(),
         )
         self.served.setdefault(holder.gateway_id, {})[client_id] = (version, packed)
-        log.info(
-            "parked a member of a gone gateway client=%d gateway=%s", client_id, holder.gateway_id
-        )

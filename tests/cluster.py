@@ -87,6 +87,8 @@ class Cluster:
         self.gateways: list[subprocess.Popen[bytes] | None] = [None] * gateways
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * workers
         self._starts = 0
+        self.log_paths: dict[str, Path] = {}
+        """process name (gateway0, worker1...) -> the log of its latest start"""
 
     @property
     def key_file(self) -> Path:
@@ -150,7 +152,8 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         self._starts += 1
-        log = open(self.log_dir / f"{name}.{self._starts}.log", "wb")  # noqa: SIM115
+        self.log_paths[name] = self.log_dir / f"{name}.{self._starts}.log"
+        log = open(self.log_paths[name], "wb")  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         return subprocess.Popen(
             [sys.executable, "-m", *args],
@@ -274,6 +277,23 @@ class Cluster:
         ):
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; logs in {self.log_dir}")
+
+    def wait_log(self, name: str, text: str, timeout: float = 30.0) -> None:
+        """Until the latest log of process ``name`` holds ``text`` (a fact, not a delay)."""
+        deadline = time.monotonic() + timeout
+        path = self.log_paths[name]
+        while text not in path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"{name} never logged {text!r}"
+            time.sleep(0.05)
+
+    def gateway_id(self, i: int) -> str:
+        """The id under which gateway ``i`` is in the register's table."""
+        proc = self.gateways[i]
+        status = self.status() or {}
+        for entry in status.get("gateways", []):
+            if proc is not None and entry.get("pid") == proc.pid:
+                return str(entry["id"])
+        raise AssertionError(f"gateway {i} is not in the register's table")
 
     def logs(self) -> str:
         return "\n".join(

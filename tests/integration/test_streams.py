@@ -47,13 +47,16 @@ class Member:
     """seconds from opening the new connection to the last missed message"""
     task: asyncio.Task[None] | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    token: str | None = None
+    """the member token of the last user_list (the chat keeps it through a disconnect)"""
+    uid: int | None = None
 
     @property
     def last(self) -> dict[str, Any] | bool:
         if not self.seen:
             return True
         epoch, offset, _ = self.seen[-1]
-        return {"epoch": epoch, "offset": offset}
+        return {"epoch": epoch, "offset": offset, "token": self.token}
 
     async def join(self, url: str) -> None:
         start = time.monotonic()
@@ -61,9 +64,15 @@ class Member:
         resume = self.last
         await self.client.login(self.name, room=ROOM, resume=resume, keep_own=True)
         listing = self.client.user_list
+        self.token = listing.get("token")
         if isinstance(resume, dict):
             self.resumes.append(listing)
+            if listing.get("resumed"):  # no login of its own follows: read the replay here
+                for _ in range(listing["missed"]):
+                    self.record(await self.client.recv())
             self.recovery.append(time.monotonic() - start)
+        if self.uid is None:
+            self.uid = self.client.uid
 
     def record(self, message: dict[str, Any]) -> None:
         if "offset" not in message:
@@ -272,11 +281,18 @@ async def test_twenty_gateway_deaths_lose_nothing_for_resuming_members() -> None
         saying = asyncio.create_task(say())
         for cycle in range(20):
             drain = cycle % 4 == 3
+            dying = cluster.gateway_id(on)
             if drain:
                 stopping = asyncio.create_task(asyncio.to_thread(cluster.stop_gateway, on))
             else:
                 cluster.kill_gateway(on)
             if cycle % 5 == 4:
+                # While the members are away: once every worker has taken the gateway's
+                # death in (a worker dying with it would take its members' records along).
+                for w in range(2):
+                    await asyncio.to_thread(
+                        cluster.wait_log, f"worker{w}", f"closing its clients gateway={dying}"
+                    )
                 cluster.kill_worker(cycle % 2)
             await asyncio.wait_for(asyncio.gather(*(v.closed.wait() for v in victims)), 30)
             other = 1 - on
@@ -302,8 +318,19 @@ async def test_twenty_gateway_deaths_lose_nothing_for_resuming_members() -> None
         )
         for member in victims:
             assert all(r["recovered"] for r in member.resumes), member.resumes
+            odd = [
+                (i, r["resumed"], r["uid"])
+                for i, r in enumerate(member.resumes)
+                if not r["resumed"] or r["uid"] != member.uid
+            ]
+            assert not odd, (member.name, member.uid, odd)
             assert len(member.resumes) == 20
             assert member.says == watcher.says, member.name
+        # Presence: the watcher saw each victim log in once, and none of them leave.
+        names = {f"login {v.name}" for v in victims} | {f"logout {v.name}" for v in victims}
+        shown = [what for _, _, what in watcher.seen if what in names]
+        assert not [w for w in shown if w.startswith("logout")], shown
+        assert len(shown) == len(set(shown)), shown
         for member in everyone:
             assert_continuous(member)
         assert_same_stream(everyone)
