@@ -7,7 +7,7 @@ gateway, and each gateway writes to its own members.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,12 +17,14 @@ if TYPE_CHECKING:
 class ClientTable:
     """client id -> connection, group -> members, uid -> connections."""
 
-    __slots__ = ("clients", "groups", "uids")
+    __slots__ = ("clients", "groups", "uids", "watch")
 
     def __init__(self) -> None:
         self.clients: dict[int, ClientConnection] = {}
         self.groups: dict[str, dict[int, ClientConnection]] = {}
         self.uids: dict[str, dict[int, ClientConnection]] = {}
+        self.watch: Callable[[str, bool], None] | None = None
+        """told when a group gets its first member here (True) or loses its last (False)"""
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -41,14 +43,19 @@ class ClientTable:
         self.clients.pop(conn.client_id, None)
         if conn.groups:
             for group in conn.groups:
-                self._discard(self.groups, group, conn.client_id)
+                self._leave_group(group, conn.client_id)
             conn.groups = None
         if conn.uid is not None:
             self._discard(self.uids, conn.uid, conn.client_id)
             conn.uid = None
 
     def join(self, conn: ClientConnection, group: str) -> None:
-        self.groups.setdefault(group, {})[conn.client_id] = conn
+        members = self.groups.get(group)
+        if members is None:
+            members = self.groups[group] = {}
+            if self.watch is not None:
+                self.watch(group, True)
+        members[conn.client_id] = conn
         if conn.groups is None:
             conn.groups = set()
         conn.groups.add(group)
@@ -56,12 +63,17 @@ class ClientTable:
     def leave(self, conn: ClientConnection, group: str) -> None:
         if conn.groups and group in conn.groups:
             conn.groups.discard(group)
-            self._discard(self.groups, group, conn.client_id)
+            self._leave_group(group, conn.client_id)
 
     def ungroup(self, group: str) -> None:
-        for conn in self.groups.pop(group, {}).values():
+        members = self.groups.pop(group, None)
+        if members is None:
+            return
+        for conn in members.values():
             if conn.groups:
                 conn.groups.discard(group)
+        if self.watch is not None:
+            self.watch(group, False)
 
     def bind_uid(self, conn: ClientConnection, uid: str) -> None:
         if conn.uid == uid:
@@ -81,6 +93,15 @@ class ClientTable:
 
     def of_uid(self, uid: str) -> dict[int, ClientConnection]:
         return self.uids.get(uid, {})
+
+    def _leave_group(self, group: str, client_id: int) -> None:
+        members = self.groups.get(group)
+        if members is not None:
+            members.pop(client_id, None)
+            if not members:
+                del self.groups[group]
+                if self.watch is not None:
+                    self.watch(group, False)
 
     @staticmethod
     def _discard(index: dict[str, dict[int, ClientConnection]], key: str, client_id: int) -> None:

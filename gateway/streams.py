@@ -127,6 +127,34 @@ class StreamLink:
         self._epochs: list[str] = []
         """each register's epoch, as its answers to our beats say"""
         self._watches: list[auth.ClientWatch] = []
+        self._interest: dict[str, bool] = {}
+        """groups that got their first member here (True) or lost their last (False)
+        in this loop turn, for the registers (interest routing)"""
+        clients.watch = self._watch
+
+    # Interest: the register sends a group's messages only to gateways with members
+
+    def _watch(self, group: str, present: bool) -> None:
+        if not self._interest:
+            with contextlib.suppress(RuntimeError):  # no loop: a unit test's table
+                asyncio.get_running_loop().call_soon(self._send_interest)
+        self._interest[group] = present
+        if not present:
+            state = self.groups.get(group)
+            if state is not None and state.waiting is None:
+                del self.groups[group]  # nobody here to keep the order for
+
+    def _send_interest(self) -> None:
+        changes, self._interest = self._interest, {}
+        added = [g for g, present in changes.items() if present]
+        removed = [g for g, present in changes.items() if not present]
+        frame = rp.pack([rp.INTEREST, self.gateway_id(), False, added, removed])
+        for i in range(len(self._socks)):
+            self._send(frame, i)
+
+    def _send_all_interest(self, i: int) -> None:
+        groups = list(self.clients.groups)
+        self._send(rp.pack([rp.INTEREST, self.gateway_id(), True, groups, []]), i)
 
     # Publishing
 
@@ -237,6 +265,10 @@ class StreamLink:
         # What the register had sent before this answer may not all be delivered here
         # yet (a gap being filled): this client had it in the replay.
         self.floors[(group, conn.client_id)] = last
+        if epoch and group not in self.groups:
+            # What follows the answer is checked against it: a message lost on the
+            # way is a gap to fill, not a new start.
+            self.groups[group] = GroupState(epoch, last)
         self.clients.join(conn, group)
         answer = self._answer(group, entries is not None or not resume.since, missed)
         if epoch:  # the register's position of the stream, which the replay reached
@@ -482,6 +514,8 @@ class StreamLink:
                     self._stream(m)
                 elif m[0] == rp.STREAMS:
                     self._epochs[i] = m[1]
+                    if len(m) > 2 and not m[2]:  # it does not know our groups
+                        self._send_all_interest(i)
                     if i == self.active:
                         self._sequencer(m[1])
                 elif m[0] == rp.POSITIONS:

@@ -28,9 +28,20 @@ on a gateway's own stream socket:
                                     seconds]        n counts the gateway's publishes from
                                                     1; unconfirmed ones are sent again;
                                                     first: its oldest unconfirmed one
-                          [FETCH, req, group, epoch, offset]
-    register -> gateway   [STREAM, epoch, group, offset, data, exclude, source, n]
-                                                    to every gateway, in the stream's order
+                          [FETCH, req, group, epoch, offset]   also: the gateway has
+                                                    members of ``group`` from now on
+                          [INTEREST, gateway_id, full, added, removed]
+                                                    the groups it has members of: all of
+                                                    them (full, in ``added``), or what
+                                                    changed; sent to every register
+    register -> gateway   [STREAMS, epoch, knows]   the answer to a beat; knows: whether
+                                                    it has the gateway's INTEREST (if not,
+                                                    the gateway sends all of it)
+                          [STREAM, epoch, group, offset, data, exclude, source, n]
+                                                    in the stream's order, to the gateways
+                                                    with members of the group, to its
+                                                    source, and to every gateway whose
+                                                    groups this register does not know
                           [POSITIONS, [[group, epoch, last], ...]]  to a stream socket
                                                     heard for the first time
                           [FETCHED, req, group, epoch, last, [[offset, data, exclude,
@@ -63,6 +74,7 @@ STREAM = "stream"
 FETCH = "fetch"
 FETCHED = "fetched"
 POSITIONS = "positions"
+INTEREST = "interest"
 
 HEARTBEAT = 1.0
 """Seconds between two heartbeats of a gateway or worker."""

@@ -60,7 +60,12 @@ class Register:
         self._early: list[list[Any]] = []
         """publishes that came before STREAMS_SETTLE"""
         self.stream_routes: dict[str, bytes] = {}
-        """gateway id -> its stream socket's route: where every stream message goes"""
+        """gateway id -> its stream socket's route: where stream messages go"""
+        self.interest: dict[str, set[str]] = {}
+        """gateway id -> the groups it has members of (interest routing); a gateway
+        not in here (it has not told us yet) gets every stream message"""
+        self.stream_sends = 0
+        """stream messages sent to gateways (status: what interest routing saves)"""
         self._pushed_version = -1
         self._was_settled = False
         self._refusals = Throttle()
@@ -150,6 +155,7 @@ class Register:
                 self.streams.expire(self._expired_at)
             for gid in [g for g in self.stream_routes if g not in self.table.gateways]:
                 del self.stream_routes[gid]  # it beats again if it lives
+                self.interest.pop(gid, None)
                 if gid in self.table.gone:
                     self.streams.forget_gateway(gid)
             if self.settled and not self._was_settled:
@@ -229,9 +235,19 @@ class Register:
                 # learns where every stream stands (and fetches what it lacks).
                 self._send(route, [protocol.POSITIONS, self.streams.positions()])
             self.stream_routes[gid] = route
-            self._send(route, [protocol.STREAMS, self.streams.epoch])
+            self._send(route, [protocol.STREAMS, self.streams.epoch, gid in self.interest])
         elif kind == protocol.FETCH:
             self._fetch(route, message, now)
+        elif kind == protocol.INTEREST:
+            gid, full, added, removed = message[1:5]
+            if gid in self.table.gone:
+                return
+            if full:
+                self.interest[gid] = set(added)
+            elif gid in self.interest:
+                groups = self.interest[gid]
+                groups.update(added)
+                groups.difference_update(removed)
         elif kind == protocol.STATUS:
             self._send(route, [protocol.STATUS, self.status()])
         else:
@@ -253,11 +269,23 @@ class Register:
         frame = protocol.pack(
             [protocol.STREAM, epoch, group, entry.offset, data, exclude, source, n]
         )
-        for route in self.stream_routes.values():
-            self._send_frame(route, frame)
+        interest = self.interest
+        for gid, route in self.stream_routes.items():
+            groups = interest.get(gid)
+            if groups is None or group in groups or gid == source:
+                self._send_frame(route, frame)
+                self.stream_sends += 1
 
     def _fetch(self, route: bytes, m: list[Any], now: float) -> None:
+        """Answer a FETCH; its gateway has members of the group from now on (the
+        answer and what follows it must reach it, whatever its INTEREST said)."""
         req, group, epoch, offset = m[1:5]
+        for gid, known in self.stream_routes.items():
+            if known == route:
+                groups = self.interest.get(gid)
+                if groups is not None:
+                    groups.add(group)
+                break
         entries = self.streams.since(group, epoch, offset, now)
         found = (
             None
@@ -273,7 +301,11 @@ class Register:
             "uptime": round(time.monotonic() - self.started, 1),
             "gateways": self.table.gateway_entries(),
             "workers": self.table.worker_entries(),
-            "streams": self.streams.stats(),
+            "streams": {
+                **self.streams.stats(),
+                "sends": self.stream_sends,
+                "interest_known": len(self.interest),
+            },
         }
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:

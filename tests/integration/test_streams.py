@@ -336,3 +336,30 @@ async def test_twenty_gateway_deaths_lose_nothing_for_resuming_members() -> None
         assert_same_stream(everyone)
         for member in everyone:
             await member.stop()
+
+
+async def test_room_messages_reach_only_gateways_with_members() -> None:
+    """Interest routing: with every member of a room on gateway 0 of 4, each room
+    message leaves the register once, for gateway 0 (before: once for each of the 4).
+    Counted by the register (status: streams.sends), once it knows every gateway's groups."""
+    with Cluster(gateways=4, workers=2) as cluster:
+        members = [Member(f"i{n}") for n in range(3)]
+        for member in members:
+            await member.join(cluster.ws_url(0))
+            member.start()
+        deadline = time.monotonic() + 30
+        while cluster.status()["streams"]["interest_known"] < 4:  # type: ignore[index]
+            assert time.monotonic() < deadline, cluster.status()
+            await asyncio.sleep(0.05)
+        says = 50
+        before = cluster.status()["streams"]["sends"]  # type: ignore[index]
+        for n in range(says):
+            await members[n % 3].client.say(f"line {n}")  # type: ignore[union-attr]
+        await until_heard(members, f"line {says - 1}")
+        after = cluster.status()["streams"]["sends"]  # type: ignore[index]
+        print(f"stream messages per say, members on 1 of 4 gateways: {(after - before) / says}")
+        assert after - before == says
+        for member in members:  # one order, nothing lost on the way
+            assert member.says == members[0].says
+            assert sorted(member.says) == sorted(f"line {n}" for n in range(says))
+            await member.stop()
