@@ -6,5 +6,20 @@ and address clients with ``businessworker.api``; run it with
 """
 
 from businessworker.app import Request, WorkerInfo
+from businessworker.cluster import (
+    AsyncCluster,
+    Cluster,
+    ClusterError,
+    ClusterUnavailable,
+    NotConfirmed,
+)
 
-__all__ = ["Request", "WorkerInfo"]
+__all__ = [
+    "AsyncCluster",
+    "Cluster",
+    "ClusterError",
+    "ClusterUnavailable",
+    "NotConfirmed",
+    "Request",
+    "WorkerInfo",
+]

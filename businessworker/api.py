@@ -86,15 +86,23 @@ def bind(links: GatewayLinks | None) -> None:
     _links = links
 
 
+_bound: ContextVar[GatewayLinks | None] = ContextVar("businessworker_links", default=None)
+"""Links of a cluster client (``businessworker.cluster``) that the call runs on, if any."""
+
+
 def linked() -> GatewayLinks | None:
     """The worker's links, or None outside a running worker."""
     return _links
 
 
 def _cluster() -> GatewayLinks:
-    if _links is None:
-        raise RuntimeError("the businessworker API is only usable inside a running worker")
-    return _links
+    links = _bound.get() or _links
+    if links is None:
+        raise RuntimeError(
+            "the businessworker API is only usable inside a running worker "
+            "(elsewhere, use businessworker.Cluster or AsyncCluster)"
+        )
+    return links
 
 
 def encode(data: Any) -> str | bytes:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from chatcluster.logs import Throttle, held_back
 from gateway import protocol as p
 from gateway.connection import text_frame
-from gateway.dedup import Seen
+from gateway.dedup import KEY_PREFIX, Keyed, Seen
 
 if TYPE_CHECKING:
     from gateway.clients import ClientTable
@@ -55,6 +55,7 @@ class Commands:
         self.on_declared_gone = on_declared_gone
         self.gateway_id = gateway_id
         self.seen = Seen()
+        self.keyed = Keyed()
         self._refusals = Throttle()
         self._handlers: dict[int, Callable[[bytes, list[Any]], None]] = {
             p.HELLO: self._hello,
@@ -154,6 +155,8 @@ class Commands:
                         skip = index < done
                         if not skip:
                             done = index + 1
+                    elif counting.__class__ is str:  # an idempotency key
+                        skip = not self.keyed.admit(counting, index)
                     else:
                         skip = counting is _STALE or not self.seen.admit(
                             counting[0], counting[1], index
@@ -176,6 +179,8 @@ class Commands:
         if len(m) < 4:
             return None, 0, 0
         source, seq, index = m[1], m[2], m[3]
+        if source.__class__ is str and source.startswith(KEY_PREFIX):
+            return source, index, 0
         if source.__class__ is int and source in self.prefixes():
             if seq not in worker.unacked:  # not this session's event (any more)
                 return _STALE, index, 0

@@ -18,6 +18,7 @@ a million events of its gateway later, is no longer recognised).
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -59,4 +60,42 @@ class Seen:
         if index < done:
             return False
         chunk[at] = min(index + 1, MAX_COUNT)
+        return True
+
+
+KEY_PREFIX = "key:"
+"""A CAUSE whose source starts so names an idempotency key, not a worker's run."""
+KEY_WINDOW = 600.0
+"""Seconds a gateway remembers an idempotency key it carried out commands for."""
+KEYS = 200_000
+"""Keys remembered at most (the oldest go first beyond it)."""
+
+
+class Keyed:
+    """Commands sent under an idempotency key (``businessworker.cluster``): each place
+    of a key's commands is carried out once here while the key is remembered."""
+
+    __slots__ = ("_keys", "limit", "window")
+
+    def __init__(self, window: float = KEY_WINDOW, limit: int = KEYS) -> None:
+        self.window = window
+        self.limit = limit
+        self._keys: OrderedDict[str, list[float]] = OrderedDict()
+        """key -> [first seen (monotonic), commands carried out], oldest first"""
+
+    def admit(self, key: str, index: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        keys = self._keys
+        while keys:
+            first = next(iter(keys.values()))
+            if now - first[0] <= self.window and len(keys) <= self.limit:
+                break
+            keys.popitem(last=False)
+        entry = keys.get(key)
+        if entry is None:
+            keys[key] = [now, index + 1]
+            return True
+        if index < entry[1]:
+            return False
+        entry[1] = index + 1
         return True

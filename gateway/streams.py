@@ -73,6 +73,8 @@ class GroupState:
     """last offset delivered here"""
     waiting: list[list[Any]] | None = None
     """while a gap is being filled, the messages that came after it"""
+    before: tuple[str, int] | None = None
+    """(epoch, offset) reached under the register that sequenced before this one"""
 
 
 @dataclass(slots=True)
@@ -127,6 +129,8 @@ class StreamLink:
         self._epochs: list[str] = []
         """each register's epoch, as its answers to our beats say"""
         self._watches: list[auth.ClientWatch] = []
+        self._out: dict[int, list[bytes]] = {}
+        """register index -> frames queued in this loop turn"""
         self._interest: dict[str, bool] = {}
         """groups that got their first member here (True) or lost their last (False)
         in this loop turn, for the registers (interest routing)"""
@@ -181,7 +185,9 @@ class StreamLink:
         message[3] = next(iter(self._unconfirmed))
         self._send(rp.pack(message))
 
-    def _confirmed(self, n: int) -> None:
+    def _confirmed(self, n: int, epoch: str = "", offset: int = 0) -> None:
+        """Our publish n came back at (epoch, offset): kept a while as confirmed, with
+        where it was, for a register that takes over (``_new_epoch``)."""
         unconfirmed = self._unconfirmed
         now = time.monotonic()
         retained = self._retained
@@ -189,7 +195,10 @@ class StreamLink:
             first = next(iter(unconfirmed))
             if first > n:
                 break
-            retained.append((now, first, unconfirmed.pop(first)))
+            message = unconfirmed.pop(first)
+            if first == n and epoch:
+                message = [*message[:9], epoch, offset]
+            retained.append((now, first, message))
         while retained and (retained[0][0] < now - RETAIN or len(retained) > MAX_UNCONFIRMED):
             retained.popleft()
         self._sent_at = now
@@ -313,23 +322,42 @@ class StreamLink:
         epoch, group, offset, data, exclude, source, n = m[1:8]
         self._sequencer(epoch)
         if source == self._source:
-            self._confirmed(n)
+            self._confirmed(n, epoch, offset)
         state = self.groups.get(group)
         if state is None:
             state = self.groups[group] = GroupState(epoch, offset - 1)
+            if len(m) > 9:  # sequenced before, when nobody here was a member: not theirs
+                state.offset = offset
+                self.taken[source] = max(self.taken.get(source, 0), n)
+                return
         if state.waiting is not None:
             state.waiting.append(m)
             return
         if state.epoch != epoch:
             # Another register sequences now (it restarted, or another took over): its
             # stream starts at 1, and what we missed of it is fetched like any gap.
+            state.before = (state.epoch, state.offset)
             state.epoch, state.offset = epoch, 0
         if offset <= state.offset:
             return
         if offset > state.offset + 1:
             self._fill(group, state, [m])
             return
+        if len(m) > 9 and not self._missed(state, source, n, m[8], m[9]):
+            state.offset = offset
+            return
         self._deliver(group, state, epoch, offset, data, exclude, source, n)
+
+    def _missed(self, state: GroupState, source: str, n: int, epoch: str, offset: int) -> bool:
+        """A publish its source sent again after the register that had sequenced it at
+        (epoch, offset) went: ours only if we were behind that position then (that
+        register died before sending it here), not if our members joined after it."""
+        behind = state.before if state.before is not None else (state.epoch, state.offset)
+        if behind[0] != epoch or behind[1] >= offset:
+            self.taken[source] = max(self.taken.get(source, 0), n)
+            return False
+        self.taken[source] = min(self.taken.get(source, 0), n - 1)
+        return True
 
     def _fill(self, group: str, state: GroupState, waiting: list[list[Any]]) -> None:
         """Fetch what is missing after ``state.offset``; ``waiting`` is delivered after it."""
@@ -349,6 +377,7 @@ class StreamLink:
             if state is None or state.waiting is not None:
                 continue
             if state.epoch != epoch:
+                state.before = (state.epoch, state.offset)
                 state.epoch, state.offset = epoch, 0
             if last > state.offset:
                 self._fill(group, state, [])
@@ -370,11 +399,15 @@ class StreamLink:
             )
             state.offset = waiting[0][3] - 1 if waiting else last
         else:
-            for offset, data, exclude, source, n in entries:
+            for offset, data, exclude, source, n, *before in entries:
                 if source == self._source:
-                    self._confirmed(n)
-                if offset > state.offset:
-                    self._deliver(group, state, epoch, offset, data, exclude, source, n)
+                    self._confirmed(n, epoch, offset)
+                if offset <= state.offset:
+                    continue
+                if before and not self._missed(state, source, n, before[0], before[1]):
+                    state.offset = offset
+                    continue
+                self._deliver(group, state, epoch, offset, data, exclude, source, n)
         for later in waiting:
             self._stream(later)
 
@@ -446,12 +479,32 @@ class StreamLink:
         return None
 
     def _send(self, frame: bytes, to: int | None = None) -> None:
+        """Queue a frame for a register; a loop turn's frames leave as one message."""
         if not self._socks:
             return
         i = self.active if to is None else to
-        with contextlib.suppress(zmq.Again):
-            self._socks[i].send(frame, zmq.NOBLOCK)
-        self._readers[i].sent()  # the send may have swallowed the input's edge
+        out = self._out
+        if not out:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:  # no loop (a unit test): at once
+                out[i] = [frame]
+                self._flush()
+                return
+        frames = out.get(i)
+        if frames is None:
+            out[i] = [frame]
+        else:
+            frames.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, {}
+        for i, frames in out.items():
+            if i >= len(self._socks):
+                continue
+            with contextlib.suppress(zmq.Again):
+                self._socks[i].send_multipart(frames, zmq.NOBLOCK)
+            self._readers[i].sent()  # the send may have swallowed the input's edge
 
     async def run(self) -> None:
         asocks = []

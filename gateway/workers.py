@@ -68,6 +68,10 @@ REFUSAL_EVERY = 1.0
 """Seconds between two FENCED answers to one session."""
 
 
+PUBLISHER = "publisher"
+"""The HELLO ``role`` of a cluster client outside any worker (``businessworker.cluster``)."""
+
+
 class WorkerLink:
     """What the gateway knows of one linked worker session."""
 
@@ -254,10 +258,13 @@ class WorkerPool:
             worker = WorkerLink(worker_id, info)
             worker.received = received
             self.workers[worker_id] = worker
-            self._ring.append(worker_id)
-            log.info("worker linked worker=%s", info.get("id", worker_id))
-            self._release_waiting()
-            self._adopt_orphans()
+            if info.get("role") == PUBLISHER:  # sends commands, takes no client events
+                log.info("publisher linked publisher=%s", info.get("id", worker_id))
+            else:
+                self._ring.append(worker_id)
+                log.info("worker linked worker=%s", info.get("id", worker_id))
+                self._release_waiting()
+                self._adopt_orphans()
         worker.last_seen = time.monotonic()
 
     def bye(self, worker_id: bytes) -> None:
@@ -266,7 +273,8 @@ class WorkerPool:
         if worker is None or worker.draining:
             return
         worker.draining = True
-        self._ring.remove(worker_id)
+        if worker_id in self._ring:
+            self._ring.remove(worker_id)
         log.info("worker draining worker=%s unacked=%d", worker.info.get("id"), len(worker.unacked))
         self.post(worker_id, protocol.pack([protocol.BYE_OK]))
 

@@ -28,6 +28,9 @@ on a gateway's own stream socket:
                                     seconds]        n counts the gateway's publishes from
                                                     1; unconfirmed ones are sent again;
                                                     first: its oldest unconfirmed one
+                          [PUBLISH, ..., seconds, epoch, offset]   one that another
+                                                    register had sequenced there, sent
+                                                    again to this one (it took over)
                           [FETCH, req, group, epoch, offset]   also: the gateway has
                                                     members of ``group`` from now on
                           [INTEREST, gateway_id, full, added, removed]
@@ -38,6 +41,7 @@ on a gateway's own stream socket:
                                                     it has the gateway's INTEREST (if not,
                                                     the gateway sends all of it)
                           [STREAM, epoch, group, offset, data, exclude, source, n]
+                          [STREAM, ..., n, old_epoch, old_offset]   such a publish
                                                     in the stream's order, to the gateways
                                                     with members of the group, to its
                                                     source, and to every gateway whose

@@ -64,6 +64,8 @@ class Register:
         self.interest: dict[str, set[str]] = {}
         """gateway id -> the groups it has members of (interest routing); a gateway
         not in here (it has not told us yet) gets every stream message"""
+        self._out: dict[bytes, list[bytes]] | None = None
+        """while draining: frames to send per route, at the end of the batch"""
         self.stream_sends = 0
         """stream messages sent to gateways (status: what interest routing saves)"""
         self._pushed_version = -1
@@ -164,19 +166,33 @@ class Register:
             self._push_if_changed()
 
     def _drain(self) -> None:
+        """Handle what came in; what it sends leaves as one message per peer.
+
+        A gateway sends what it queued in one loop turn as the parts of one message,
+        and gets what this turn made for it the same way: a stream message for 1,000
+        members costs each gateway one wake-up per batch, not one per message.
+        """
         now = time.monotonic()
-        for _ in range(1000):
-            try:
-                route, frame = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:  # wrong number of frames
-                continue
-            try:
-                message = protocol.unpack(frame)
-                self._handle(route, message, now)
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                log.warning("bad register message error=%r", exc)
+        self._out = {}
+        try:
+            for _ in range(1000):
+                try:
+                    parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                route = parts[0]
+                for frame in parts[1:]:
+                    try:
+                        self._handle(route, protocol.unpack(frame), now)
+                    except (ValueError, KeyError, TypeError, IndexError) as exc:
+                        log.warning("bad register message error=%r", exc)
+        finally:
+            out, self._out = self._out, None
+            for route, frames in out.items():
+                try:
+                    self.sock.send_multipart([route, *frames], zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    log.debug("send failed route=%r error=%s", route, exc)
 
     def _handle(self, route: bytes, message: list[Any], now: float) -> None:
         kind = message[0]
@@ -262,13 +278,15 @@ class Register:
             if len(self._early) < 100_000:
                 self._early.append(m)
             return
-        entry = self.streams.publish(source, n, first, group, data, exclude, count, seconds, now)
+        before = m[9:11] or None
+        entry = self.streams.publish(
+            source, n, first, group, data, exclude, count, seconds, now, before
+        )
         if entry is None:
             return
         epoch = self.streams.streams[group].epoch
-        frame = protocol.pack(
-            [protocol.STREAM, epoch, group, entry.offset, data, exclude, source, n]
-        )
+        stream = [protocol.STREAM, epoch, group, entry.offset, data, exclude, source, n]
+        frame = protocol.pack(stream + (before or []))  # sent again: where it had been
         interest = self.interest
         for gid, route in self.stream_routes.items():
             groups = interest.get(gid)
@@ -290,7 +308,7 @@ class Register:
         found = (
             None
             if entries is None
-            else [[e.offset, e.data, e.exclude, e.source, e.n] for e in entries]
+            else [[e.offset, e.data, e.exclude, e.source, e.n, *(e.before or ())] for e in entries]
         )
         epoch, last = self.streams.position(group)
         self._send(route, [protocol.FETCHED, req, group, epoch, last, found])
@@ -300,7 +318,8 @@ class Register:
             "register": self.id,
             "uptime": round(time.monotonic() - self.started, 1),
             "gateways": self.table.gateway_entries(),
-            "workers": self.table.worker_entries(),
+            "workers": [e for e in self.table.worker_entries() if e.get("role") != "publisher"],
+            "publishers": [e for e in self.table.worker_entries() if e.get("role") == "publisher"],
             "streams": {
                 **self.streams.stats(),
                 "sends": self.stream_sends,
@@ -354,6 +373,14 @@ class Register:
         self._send_frame(route, protocol.pack(message))
 
     def _send_frame(self, route: bytes, frame: bytes) -> None:
+        out = self._out
+        if out is not None:  # inside _drain: leaves with the rest of this batch
+            frames = out.get(route)
+            if frames is None:
+                out[route] = [frame]
+            else:
+                frames.append(frame)
+            return
         try:
             self.sock.send_multipart([route, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:

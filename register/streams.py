@@ -37,6 +37,8 @@ class Entry:
     exclude: list[int]
     source: str
     n: int
+    before: list[Any] | None = None
+    """[epoch, offset] where another register had sequenced it (sent again since)"""
 
 
 @dataclass(slots=True)
@@ -80,6 +82,7 @@ class Streams:
         count: int,
         seconds: float,
         now: float,
+        before: list[Any] | None = None,
     ) -> Entry | None:
         """Give a gateway's n-th publish its offset; None if taken already or out of turn.
 
@@ -108,7 +111,7 @@ class Streams:
         stream.count = max(1, min(int(count), MAX_COUNT))
         stream.seconds = max(0.0, min(float(seconds), MAX_SECONDS))
         stream.last += 1
-        entry = Entry(stream.last, now, data, exclude, source, n)
+        entry = Entry(stream.last, now, data, exclude, source, n, before)
         before = stream.bytes
         stream.kept.append(entry)
         stream.bytes += len(data)

@@ -242,6 +242,8 @@ class Servers:
     gateway_pids: list[int]
     worker_pids: list[int]
     register: str
+    register_pids: list[int] = field(default_factory=list)
+    """the registers we started (they sequence history groups: server CPU too)"""
     cluster: Any = None
     log_dir: Path | None = None
     pinned: list[int] = field(default_factory=list)
@@ -250,7 +252,7 @@ class Servers:
 
     @property
     def pids(self) -> list[int]:
-        return self.gateway_pids + self.worker_pids
+        return self.gateway_pids + self.worker_pids + self.register_pids
 
     def rss(self) -> dict[str, int]:
         return {
@@ -351,13 +353,13 @@ def start_servers(
         gateway_pids=gw_pids,
         worker_pids=wk_pids,
         register=cluster.register_address,
+        register_pids=[p.pid for p in cluster.registers if p is not None],
         cluster=cluster,
         log_dir=log_dir,
         env=cluster.env,
     )
     if pin:
-        reg = cluster.register.pid if cluster.register is not None else None
-        for pid in [*servers.pids, *([reg] if reg else [])]:
+        for pid in servers.pids:
             pin_process_tree(pid, pin)
         servers.pinned = pin
     return servers

@@ -156,6 +156,7 @@ class Run:
                 "server": self.servers.pids,
                 "gateways": self.servers.gateway_pids,
                 "workers": self.servers.worker_pids,
+                "register": self.servers.register_pids,
                 "client": self.pool.pids,
             }
         )

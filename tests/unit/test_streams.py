@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from gateway.streams import positioned
+from gateway.clients import ClientTable
+from gateway.streams import StreamLink, positioned
+from register import protocol as rp
 from register.streams import Entry, Streams
 
 
@@ -77,3 +80,45 @@ def test_positions_are_added_to_json_objects_only() -> None:
     assert json.loads(positioned("{}", "E", 1)) == {"epoch": "E", "offset": 1}
     assert positioned("plain text", "E", 1) == "plain text"
     assert positioned(b"{}", "E", 1) == b"{}"
+
+
+class Member:
+    """A stand-in for a client connection: what the stream link writes to it."""
+
+    def __init__(self, client_id: int) -> None:
+        self.client_id = client_id
+        self.groups: set[str] | None = None
+        self.uid = None
+        self.frames: list[bytes] = []
+
+    def write(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def stream(epoch: str, offset: int, source: str, n: int, *before: Any) -> list[Any]:
+    return [rp.STREAM, epoch, "g", offset, f"{source}{n}", [], source, n, *before]
+
+
+def test_a_publish_sent_again_after_a_register_change_reaches_only_who_missed_it() -> None:
+    """Register R0 sequenced a1 at (R0, 1) and died; gateway a sends it to R1 again.
+    A gateway that had it, or whose member joined after it, drops it; one that was
+    behind that position (R0 died before sending it there) delivers it."""
+    for had, joined_after, expect in ((True, False, 0), (False, True, 0), (False, False, 1)):
+        table = ClientTable()
+        link = StreamLink(table, [], lambda: "b")
+        if not joined_after:
+            member = Member(1)
+            table.join(member, "g")  # type: ignore[arg-type]
+            link._stream(stream("R0", 1, "c", 1))  # position (R0, 1) reached here
+            if had:
+                link._stream(stream("R0", 2, "a", 1))
+            before = len(member.frames)
+        else:
+            link._stream(stream("R0", 1, "c", 1))  # nobody here: the order is not kept
+            member = Member(1)
+            table.join(member, "g")  # type: ignore[arg-type]
+            before = 0
+        link._stream(stream("R1", 1, "a", 1, "R0", 2))
+        link._stream(stream("R1", 2, "a", 2))  # a new one: everyone's
+        got = [f.decode(errors="replace")[-2:] for f in member.frames[before:]]
+        assert got == ["a1", "a2"][1 - expect :], (had, joined_after, got)
