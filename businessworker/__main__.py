@@ -1,4 +1,8 @@
-"""``python -m businessworker --app MODULE``: run one business worker."""
+"""``python -m businessworker --app MODULE``: run one business worker.
+
+``python -m businessworker send|query ...`` reaches the cluster's clients from a
+shell instead (see ``businessworker.remote``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import gc
 import importlib
 import signal
+import sys
 
 import uvloop
 import zmq.asyncio
@@ -18,6 +23,11 @@ from register.client import ENV_REGISTER, register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given and given[0] in ("send", "query"):
+        from businessworker import remote
+
+        return remote.main(given)
     parser = cli.Parser(prog="python -m businessworker", description=__doc__)
     parser.add_argument(
         "--app",

@@ -51,6 +51,7 @@ import functools
 import inspect
 import itertools
 import os
+import socket
 import threading
 import time
 import uuid
@@ -154,6 +155,7 @@ class AsyncCluster:
         self._keys: dict[str, tuple[float, asyncio.Future[Any]]] = {}
         """idempotency keys sent from here -> (when, the outcome)"""
         self._pid = os.getpid()
+        self._since = time.time()
         self._started: asyncio.Future[None] | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._links: GatewayLinks | None = None
@@ -169,6 +171,9 @@ class AsyncCluster:
             self._forget_parent()
         started = self._started
         if started is not None and started.done() and started.exception() is None:
+            if self._links is not None and len(self._links):
+                return
+            await self._gateway()  # every gateway went away: wait a moment for one
             return
         if self._started is None:
             self._started = asyncio.ensure_future(self._start())
@@ -203,8 +208,12 @@ class AsyncCluster:
             asyncio.ensure_future(self._register.run()),
             asyncio.ensure_future(self._heartbeat()),
         ]
+        await self._gateway()
+
+    async def _gateway(self) -> None:
+        """Until a gateway is linked; ClusterUnavailable after ``timeout``."""
         deadline = time.monotonic() + self.timeout
-        while not len(self._links):
+        while self._links is None or not len(self._links):
             if time.monotonic() > deadline:
                 raise ClusterUnavailable(
                     f"no gateway of the cluster at {', '.join(self.registers)} answered "
@@ -254,7 +263,9 @@ class AsyncCluster:
             {
                 "id": self.id,
                 "role": PUBLISHER,
+                "started": self._since,
                 "pid": os.getpid(),
+                "host": socket.gethostname(),
                 "gateways": len(self._links) if self._links is not None else 0,
             },
         ]
@@ -432,6 +443,16 @@ class Cluster:
     def keep_history(self, group: str, *, count: int = 200, seconds: float = 300.0) -> None:
         """As ``api.keep_history`` (see ``AsyncCluster.keep_history``)."""
         api.keep_history(group, count=count, seconds=seconds)
+
+    @property
+    def gateways(self) -> list[str]:
+        """Ids of the gateways linked now (connecting first)."""
+        return self._call(_linked_gateways)
+
+
+async def _linked_gateways(cluster: AsyncCluster) -> list[str]:
+    await cluster.connect()
+    return cluster.gateways
 
 
 def _async_method(name: str, command: bool) -> Callable[..., Any]:

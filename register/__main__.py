@@ -185,6 +185,11 @@ async def _status(
             f"  {w['id']}  app={w['app']}  gateways={w['gateways']}"
             f"  up={now - w['started']:.0f}s  host={w['host']} pid={w['pid']}"
         )
+    publishers = status.get("publishers", [])
+    if publishers:
+        print(f"{len(publishers)} publisher(s)")
+        for w in publishers:
+            print(f"  {w['id']}  gateways={w['gateways']}  host={w['host']} pid={w['pid']}")
     return 0
 
 

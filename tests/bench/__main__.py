@@ -38,6 +38,7 @@ DEFAULT_ORDER = [
     "login_storm",
     "handshakes",
     "slow_consumer",
+    "publisher",
 ]
 
 QUICK = {
@@ -201,6 +202,12 @@ def key_figures(r: dict[str, Any]) -> list[tuple[str, Any]]:
             ("us/msg", m.get("server_us_per_message")),
             ("p50 ms", m.get("latency_p50_ms")),
             ("p99 ms", m.get("latency_p99_ms")),
+        ]
+    elif name == "publisher":
+        out = [
+            ("p50 ms", m.get("latency_p50_ms")),
+            ("p99 ms", m.get("latency_p99_ms")),
+            ("sends/s", m.get("flat_sends_per_s")),
         ]
     elif name == "login_storm":
         out = [("complete s", m.get("complete_s")), ("x GW", m.get("x_gatewayworker"))]

@@ -1144,6 +1144,8 @@ def summarize_collapsed(raw: Path, top: int = 12) -> dict[str, Any]:
     }
 
 
+from tests.bench.publisher import publisher  # noqa: E402 (it needs target() above)
+
 SCENARIOS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "floor": floor,
     "idle": idle,
@@ -1153,4 +1155,5 @@ SCENARIOS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "login_storm": login_storm,
     "handshakes": handshakes,
     "slow_consumer": slow_consumer,
+    "publisher": publisher,
 }
