@@ -91,8 +91,9 @@ _bound: ContextVar[GatewayLinks | None] = ContextVar("businessworker_links", def
 
 
 def linked() -> GatewayLinks | None:
-    """The worker's links, or None outside a running worker."""
-    return _links
+    """The links calls made here go through (this worker's, or a cluster client's),
+    or None outside a running worker."""
+    return _bound.get() or _links
 
 
 def _cluster() -> GatewayLinks:

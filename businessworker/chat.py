@@ -31,8 +31,8 @@ closes its connection itself has left: its logout comes at once.
 
 Uses only the public API, like any application. Each room is the group
 "room:" + name; the default room has the empty name. Rooms keep their last
-HISTORY messages for HISTORY_SECONDS (``api.keep_history``), in one order for
-every member.
+HISTORY messages (CHAT_HISTORY, 200; 0 for none) for HISTORY_SECONDS
+(``api.keep_history``), in one order for every member.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ from businessworker import api
 
 MAX_NAME = 32
 MAX_CONTENT = 4096
-HISTORY = 200
+HISTORY = int(os.environ.get("CHAT_HISTORY", "200"))
+"""messages a room keeps for members who come back (CHAT_HISTORY; 0: rooms keep none)"""
 HISTORY_SECONDS = 300.0
 GRACE = float(os.environ.get("CHAT_GRACE", "10"))
 
-api.keep_history("room:*", count=HISTORY, seconds=HISTORY_SECONDS)
+if HISTORY > 0:
+    api.keep_history("room:*", count=HISTORY, seconds=HISTORY_SECONDS)
 
 
 class ChatError(Exception):
@@ -160,8 +162,11 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
     )
     users = ",".join([user_entry(uid, name) for _, uid, name in logged_in])
     extra: dict[str, Any] = {}
-    if since is not None and isinstance(joined, dict):
-        extra = {k: joined[k] for k in ("recovered", "missed", "epoch", "offset")}
+    if since is not None:
+        if isinstance(joined, dict):
+            extra = {k: joined[k] for k in ("recovered", "missed", "epoch", "offset")}
+        else:  # rooms keep no history (CHAT_HISTORY=0): nothing can be recovered
+            extra = {"recovered": False, "missed": 0, "epoch": "", "offset": 0}
         extra.update(uid=session["uid"], token=member_token, resumed=resumed)
     tail = "," + json.dumps(extra, separators=(",", ":"))[1:-1] if extra else ""
     api.send_to_client(client_id, '{"type":"user_list","user_list":[' + users + "]" + tail + "}")

@@ -87,6 +87,10 @@ class Worker:
 
     async def run(self) -> None:
         api.bind(self.links)
+        # Everything this worker runs (its tasks, its sockets' callbacks) is started from
+        # here and sees its own links, also beside other workers in one process
+        # (businessworker.testing).
+        api._bound.set(self.links)
         self.links.start()
         await _maybe_await(self.app.on_worker_start(self.info))
         log.info("worker started id=%s app=%s pid=%d", self.id, self.app.name, os.getpid())

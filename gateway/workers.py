@@ -383,6 +383,8 @@ class WorkerPool:
 
     def probe(self) -> None:
         """Find links ZeroMQ has dropped: sending to them fails at once."""
+        if self.sock.closed:
+            return  # a timer set before this gateway stopped
         self.sock.get(zmq.EVENTS)  # let the socket take in pending link changes first
         for worker_id in list(self.workers):
             try:

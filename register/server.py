@@ -44,8 +44,11 @@ class Register:
         keys: Keys | None = None,
         ctx: zmq.asyncio.Context | None = None,
         link_timeout: float = links.LINK_TIMEOUT,
+        streams_settle: float = STREAMS_SETTLE,
     ) -> None:
         check_exposure(bind, keys)
+        self.streams_settle = streams_settle
+        """publishes wait this long after the start (every gateway's stream socket beat)"""
         self.link_timeout = link_timeout
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.bind = bind
@@ -148,7 +151,7 @@ class Register:
                 del self.worker_routes[wid]
             for gid in [g for g in self.gateway_routes if g not in self.table.gateways]:
                 del self.gateway_routes[gid]
-            if self._early and time.monotonic() - self.started >= STREAMS_SETTLE:
+            if self._early and time.monotonic() - self.started >= self.streams_settle:
                 early, self._early = self._early, []
                 for message in early:
                     self._publish(message, time.monotonic())
@@ -273,7 +276,7 @@ class Register:
         source, n, first, group, data, exclude, count, seconds = m[1:9]
         if source in self.table.gone:
             return  # a gateway declared gone: what it still sends is not taken
-        if now - self.started < STREAMS_SETTLE:
+        if now - self.started < self.streams_settle:
             # Not every gateway's stream socket is known yet: take it a moment later.
             if len(self._early) < 100_000:
                 self._early.append(m)
@@ -343,6 +346,8 @@ class Register:
 
     def _probe(self) -> None:
         """Sending to a dropped link fails at once (ROUTER_MANDATORY): mark its member."""
+        if self.sock.closed:
+            return  # a timer set before this register stopped
         now = time.monotonic()
         self.sock.get(zmq.EVENTS)  # let the socket take in pending link changes first
         frame = protocol.pack([protocol.PONG, self.id])
