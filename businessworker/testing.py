@@ -225,11 +225,15 @@ class Harness:
             client._reader.cancel()
             with contextlib.suppress(Exception):
                 client.ws.transport.abort()
-        for member in [*self.workers, *self.gateways, self.register]:
-            if member is not None:
-                member.stop()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=TIMEOUT)
+        # Workers first (their goodbyes are answered by live gateways), then gateways.
+        for members in (self.workers, self.gateways, [self.register]):
+            tasks = []
+            for member in members:
+                if member is not None and member in self._tasks:
+                    member.stop()
+                    tasks.append(self._tasks[member])
+            if tasks:
+                await asyncio.wait(tasks, timeout=TIMEOUT)
         for task in self._tasks.values():
             task.cancel()
         self.ctx.destroy(linger=0)
@@ -363,25 +367,33 @@ class Harness:
 
     # Waiting for facts
 
-    def _quiet(self) -> bool:
+    def _busy(self) -> str | None:
+        """What is still under way, or None when nothing is (see ``settle``)."""
         register = self.register
-        for gateway in self.gateways:
+        for n, gateway in enumerate(self.gateways):
             if gateway is None:
                 continue
-            if gateway.pool.busy or gateway.streams._unconfirmed:
-                return False
-            streams = gateway.streams
-            for group, state in streams.groups.items():
+            if gateway.pool.busy:
+                return f"gateway {n} has events its workers did not acknowledge"
+            if gateway.streams._unconfirmed:
+                return f"gateway {n} has history messages the register did not confirm: {list(gateway.streams._unconfirmed.values())[:2]}"
+            for group, state in gateway.streams.groups.items():
                 if state.waiting is not None:
-                    return False
+                    return f"gateway {n} is filling a gap in {group}"
                 kept = register.streams.streams.get(group) if register else None
                 if (
                     kept is not None
                     and gateway.clients.members(group)
                     and (state.epoch, state.offset) != (kept.epoch, kept.last)
                 ):
-                    return False
-        return all(not w.dispatcher.tasks for w in self.workers if w is not None)
+                    return f"gateway {n} is behind the register in {group}"
+        for n, worker in enumerate(self.workers):
+            if worker is not None and worker.dispatcher.tasks:
+                return f"worker {n} has callbacks running"
+        return None
+
+    def _quiet(self) -> bool:
+        return self._busy() is None
 
     async def settle(self) -> None:
         """Until everything the clients caused is done and has reached them (see the
@@ -397,9 +409,12 @@ class Harness:
         if pongs:
             async with asyncio.timeout(TIMEOUT):
                 await asyncio.gather(*pongs, return_exceptions=True)
-        await _until(self._quiet, "the cluster did not settle")
-        await asyncio.sleep(0)
-        await _until(self._quiet, "the cluster did not settle")
+        for _ in range(2):  # twice: what the first quiet moment set off settles too
+            try:
+                await _until(self._quiet, "")
+            except TimeoutError:
+                raise TimeoutError(f"the cluster did not settle: {self._busy()}") from None
+            await asyncio.sleep(0)
         fenced = []
         frame = text_frame(FENCE)
         for client in self.clients:

@@ -204,7 +204,9 @@ class StreamLink:
         self._sent_at = now
 
     def _sequencer(self, epoch: str) -> None:
-        """Note which register sequences; if another than before, ``_new_epoch``."""
+        """Note which register sequences (its id: a stream's epoch is ``id.k``); if
+        another than before, ``_new_epoch``."""
+        epoch = epoch.partition(".")[0]
         before, self._epoch = self._epoch, epoch
         if before and before != epoch:
             self._new_epoch()

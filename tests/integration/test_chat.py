@@ -1,4 +1,10 @@
-"""The chat of the seed page, over real processes and real WebSocket clients."""
+"""The chat of the seed page, over real processes and real WebSocket clients.
+
+The seed's capture replayed byte for byte, and what the WebSocket layer does with
+bad frames, floods and handshakes. The chat's rules (private says, rooms,
+logouts, every bad input, concurrent logins, presence) are tested in-process on
+businessworker.testing: tests/unit/test_chat_rules.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,6 @@ import re
 import time
 from string import Template
 
-import pytest
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
@@ -88,129 +93,6 @@ async def test_seed_scenario(chat_cluster: Cluster) -> None:
     await nick.close()
 
 
-async def test_private_say_reaches_only_recipient_and_sender(chat_cluster: Cluster) -> None:
-    a, b, c = [await ChatClient.open(chat_cluster.ws_url(i % 2)) for i in range(3)]
-    await a.login("a", room="private")
-    await b.login("b", room="private")
-    await a.expect("login")
-    await c.login("c", room="private")
-    await a.expect("login")
-    await b.expect("login")
-    await a.say("psst", to=b.uid)
-    for client in (b, a):
-        got = await client.expect("say")
-        assert list(got) == ["type", "from_uid", "to_uid", "content", "time"]
-        assert (got["from_uid"], got["to_uid"], got["content"]) == (a.uid, b.uid, "psst")
-    # The uid may also come as a string, as pages built from <select> values send it.
-    await b.say("back", to=str(a.uid))
-    assert (await a.expect("say"))["content"] == "back"
-    assert (await b.expect("say"))["to_uid"] == a.uid
-    await c.quiet()
-    for client in (a, b, c):
-        await client.close()
-
-
-async def test_logout_goes_to_everyone_left(chat_cluster: Cluster) -> None:
-    a, b, c = [await ChatClient.open(chat_cluster.ws_url(i % 2)) for i in range(3)]
-    await a.login("a", room="logout")
-    await b.login("b", room="logout")
-    await a.expect("login")
-    await c.login("c", room="logout")
-    await a.expect("login")
-    await b.expect("login")
-    await b.close()
-    for client in (a, c):
-        got = await client.expect("logout")
-        assert list(got) == ["type", "uid", "name", "time"]
-        assert (got["uid"], got["name"]) == (b.uid, "b")
-    await a.close()
-    assert (await c.expect("logout"))["uid"] == a.uid
-    await c.close()
-
-
-async def test_rooms_scope_user_list_says_and_logouts(chat_cluster: Cluster) -> None:
-    red = await ChatClient.open(chat_cluster.ws_url(0))
-    blue = await ChatClient.open(chat_cluster.ws_url(1))
-    await red.login("r", room="red")
-    assert [u["name"] for u in await blue.login("b", room="blue")] == ["b"]
-    await red.say("only red")
-    assert (await red.expect("say"))["content"] == "only red"
-    await red.send({"type": "say", "to_uid": blue.uid, "content": "cross-room"})
-    assert (await red.expect("error"))["code"] == "unknown_uid"
-    await red.close()
-    await blue.quiet()
-    await blue.close()
-
-
-async def test_a_client_on_another_gateway_receives_broadcasts(chat_cluster: Cluster) -> None:
-    """Clients spread over both gateways; every say reaches every one of them."""
-    clients = [await ChatClient.open(chat_cluster.ws_url(i % 2)) for i in range(6)]
-    for i, client in enumerate(clients):
-        await client.login(f"u{i}", room="spread")
-        for earlier in clients[:i]:
-            await earlier.expect("login")
-    for i, client in enumerate(clients):
-        await client.say(f"from {i}")
-        for other in clients:
-            got = await other.expect("say")
-            assert (got["from_uid"], got["content"]) == (client.uid, f"from {i}")
-    for client in clients:
-        await client.close()
-
-
-BAD_INPUTS = [
-    ("not json", "bad_json"),
-    ('"just a string"', "not_object"),
-    ("[1, 2]", "not_object"),
-    ('{"type": "dance"}', "unknown_type"),
-    ('{"type": 7}', "bad_field"),
-    ('{"no_type": true}', "bad_field"),
-    ('{"type": "say", "to_uid": "all", "content": "x"}', "not_logged_in"),
-    ('{"type": "login"}', "bad_field"),
-    ('{"type": "login", "name": 5}', "bad_field"),
-    ('{"type": "login", "name": ""}', "bad_name"),
-    ('{"type": "login", "name": "   "}', "bad_name"),
-    ('{"type": "login", "name": "%s"}' % ("n" * 33), "bad_name"),
-    ('{"type": "login", "name": "ok", "room": 3}', "bad_field"),
-]
-
-
-@pytest.mark.parametrize(("frame", "code"), BAD_INPUTS)
-async def test_bad_input_gets_an_error_and_the_connection_stays(
-    chat_cluster: Cluster, frame: str, code: str
-) -> None:
-    client = await ChatClient.open(chat_cluster.ws_url(0))
-    await client.send(frame)
-    error = await client.expect("error")
-    assert list(error) == ["type", "code", "message"]
-    assert error["code"] == code and error["message"]
-    # Still open and usable:
-    await client.login("survivor", room=f"bad-{code}")
-    await client.close()
-
-
-async def test_bad_input_after_login(chat_cluster: Cluster) -> None:
-    client = await ChatClient.open(chat_cluster.ws_url(1))
-    await client.login("me", room="after-login")
-    cases = [
-        ({"type": "login", "name": "again"}, "already_logged_in"),
-        ({"type": "say", "to_uid": "all", "content": "x" * 4097}, "content_too_long"),
-        ({"type": "say", "to_uid": "all", "content": 5}, "bad_field"),
-        ({"type": "say", "to_uid": "all"}, "bad_field"),
-        ({"type": "say", "content": "x"}, "bad_field"),
-        ({"type": "say", "to_uid": True, "content": "x"}, "bad_field"),
-        ({"type": "say", "to_uid": 12345, "content": "x"}, "unknown_uid"),
-    ]
-    for request, code in cases:
-        await client.send(request)
-        assert (await client.expect("error"))["code"] == code, request
-    await client.send(b'{"type":"say"}')  # a binary frame is not a chat message
-    assert (await client.expect("error"))["code"] == "bad_json"
-    await client.say("y" * 4096)  # the limit itself is fine
-    assert len((await client.expect("say"))["content"]) == 4096
-    await client.close()
-
-
 async def test_oversized_frame_closes_1009(chat_cluster: Cluster) -> None:
     client = await ChatClient.open(chat_cluster.ws_url(0))
     await client.send("x" * (64 * 1024 + 1))
@@ -244,37 +126,6 @@ async def test_a_flood_is_slowed_not_dropped(chat_cluster: Cluster) -> None:
     await sender
     assert got == [str(i) for i in range(count)]
     await client.close()
-
-
-async def test_concurrent_logins_converge(chat_cluster: Cluster) -> None:
-    """50 clients over 2 gateways and 4 workers log in at once; every roster ends true."""
-    n = 50
-    clients = [await ChatClient.open(chat_cluster.ws_url(i % 2)) for i in range(n)]
-    rosters: list[dict[int, str]] = [{} for _ in range(n)]
-
-    async def log_in(i: int) -> None:
-        client = clients[i]
-        await client.send({"type": "login", "name": f"c{i}", "room": "storm"})
-        first = await client.expect("user_list")
-        rosters[i] = {u["uid"]: u["name"] for u in first["user_list"]}
-
-    await asyncio.gather(*(log_in(i) for i in range(n)))
-
-    async def settle(i: int) -> None:
-        # After its user_list, a client hears one login per user its list lacked
-        # (and possibly repeats); stop once the roster is complete.
-        client = clients[i]
-        while len(rosters[i]) < n:
-            message = await client.expect("login")
-            rosters[i][message["uid"]] = message["name"]
-
-    await asyncio.wait_for(asyncio.gather(*(settle(i) for i in range(n))), 20)
-    truth = rosters[0]
-    assert sorted(truth.values()) == sorted(f"c{i}" for i in range(n))
-    for roster in rosters:
-        assert roster == truth
-    for client in clients:
-        await client.close()
 
 
 async def test_handshake_without_compression_and_plain_json_frames(chat_cluster: Cluster) -> None:
