@@ -290,6 +290,7 @@ async def _as_recovery(joined: Awaitable[Any]) -> Any:
 
 
 def leave_group(client_id: int, group: str | int) -> None:
+    """Take a client out of a group (nothing if it is not in it)."""
     _note_member(client_id, leave=_key(group))
     link = _cluster().for_client(client_id)
     if link is not None:
@@ -310,6 +311,7 @@ def bind_uid(client_id: int, uid: str | int) -> None:
 
 
 def unbind_uid(client_id: int, uid: str | int) -> None:
+    """Unbind a client from its uid (nothing if it is bound to another)."""
     _note_member(client_id, uid=None)
     link = _cluster().for_client(client_id)
     if link is not None:
@@ -468,51 +470,63 @@ def update_session(client_id: int, changes: dict[str, Any]) -> None:
 
 
 async def is_online(client_id: int) -> bool:
+    """Whether the client is connected (a kept member away within its grace counts)."""
     return bool(await _ask_client(client_id, p.Q_IS_ONLINE, False))
 
 
 async def get_session(client_id: int) -> dict[str, Any] | None:
+    """The client's session (a copy), or None if it is not connected."""
     packed = await _ask_client(client_id, p.Q_SESSION, None)
     return None if packed is None else _decode(packed)
 
 
 async def get_uid_by_client_id(client_id: int) -> str | None:
+    """The uid the client is bound to, or None."""
     return await _ask_client(client_id, p.Q_UID, None)
 
 
 async def is_uid_online(uid: str | int) -> bool:
+    """Whether any connection is bound to the uid."""
     return bool(await get_client_ids_by_uid(uid))
 
 
 async def get_client_ids_by_uid(uid: str | int) -> list[int]:
+    """The client ids bound to the uid, on every gateway, sorted."""
     return sorted(_concat(await _ask_all(p.Q_UID_CLIENTS, _key(uid))))
 
 
 async def get_client_sessions_by_group(group: str | int) -> dict[int, dict[str, Any]]:
+    """{client id: session} of every member of the group, in client id order."""
     return _sessions(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))
 
 
 async def get_client_ids_by_group(group: str | int) -> list[int]:
+    """The client ids of the group's members, on every gateway, sorted."""
     return sorted(_concat(await _ask_all(p.Q_GROUP_CLIENTS, _key(group))))
 
 
 async def get_uids_by_group(group: str | int) -> list[str]:
+    """The uids bound to the group's members, each once, sorted."""
     return sorted(set(_concat(await _ask_all(p.Q_GROUP_UIDS, _key(group)))))
 
 
 async def get_client_count_by_group(group: str | int) -> int:
+    """How many clients are in the group, on every gateway."""
     return sum(n or 0 for n in await _ask_all(p.Q_GROUP_COUNT, _key(group)))
 
 
 async def get_all_group_ids() -> list[str]:
+    """Every group with at least one member, sorted."""
     return sorted(set(_concat(await _ask_all(p.Q_GROUPS))))
 
 
 async def get_all_client_count() -> int:
+    """How many clients the cluster holds."""
     return sum(n or 0 for n in await _ask_all(p.Q_COUNT))
 
 
 async def get_all_client_sessions() -> dict[int, dict[str, Any]]:
+    """{client id: session} of every client of the cluster."""
     return _sessions(await _ask_all(p.Q_ALL_SESSIONS))
 
 

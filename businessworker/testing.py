@@ -376,7 +376,7 @@ class Harness:
             if gateway.pool.busy:
                 return f"gateway {n} has events its workers did not acknowledge"
             if gateway.streams._unconfirmed:
-                return f"gateway {n} has history messages the register did not confirm: {list(gateway.streams._unconfirmed.values())[:2]}"
+                return f"gateway {n} has history messages the register did not confirm"
             for group, state in gateway.streams.groups.items():
                 if state.waiting is not None:
                     return f"gateway {n} is filling a gap in {group}"

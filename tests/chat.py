@@ -10,7 +10,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-TIMEOUT = 10.0
+from businessworker.testing import TIMEOUT  # one unit for every wait: CHAT_TEST_TIMEOUT
 
 
 class ChatClient:

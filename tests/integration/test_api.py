@@ -11,9 +11,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from businessworker.testing import TIMEOUT
 from tests.cluster import Cluster
-
-TIMEOUT = 10.0
 
 
 class Probe:
