@@ -41,9 +41,9 @@ test: $(STAMP) browser-deps lint
 	$(PY) -m pytest
 
 # The benchmark: starts its own clusters on loopback, prints a table and JSON lines.
-# `make bench ARGS="--quick"` for a one-minute check; see tests/bench/README.md.
+# `make bench ARGS="--quick"` for a one-minute check; see bench/README.md.
 bench: $(STAMP)
-	$(PY) -m tests.bench $(ARGS)
+	$(PY) -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) run logs .pytest_cache .ruff_cache tests/output
+	rm -rf $(VENV) run logs .pytest_cache .ruff_cache tests/output bench/output

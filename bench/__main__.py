@@ -1,4 +1,4 @@
-"""``python -m tests.bench``: benchmark the chat cluster on loopback.
+"""``python -m bench``: benchmark the chat cluster on loopback.
 
 Starts its own register, gateways and workers on free loopback ports for each
 scenario (or targets a running cluster with ``--url`` and ``--register``), drives
@@ -26,8 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from tests.bench.loadproc import raise_nofile
-from tests.bench.scenarios import SCENARIOS, Settings
+from bench.loadproc import raise_nofile
+from bench.scenarios import SCENARIOS, Settings
 
 DEFAULT_ORDER = [
     "floor",
@@ -63,7 +63,7 @@ QUICK = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m tests.bench",
+        prog="python -m bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -119,8 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="py-spy the gateway during room_max")
     p.add_argument(
         "--out",
-        default="tests/output/bench",
-        help="directory for cluster logs and profiles (default tests/output/bench)",
+        default="bench/output",
+        help="directory for cluster logs and profiles (default bench/output)",
     )
     return p.parse_args(argv)
 

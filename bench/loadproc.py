@@ -1,6 +1,6 @@
 """One load-generating process: holds client connections and obeys the parent's commands.
 
-The parent (``tests.bench.harness.LoadPool``) sends ``(req_id, command, kwargs)``
+The parent (``bench.harness.LoadPool``) sends ``(req_id, command, kwargs)``
 over a pipe; every command runs as a task on this process's uvloop and answers
 ``(req_id, ok, result)``. Several commands may run at once (a slow-consumer
 ``resume`` while ``room_send`` still runs).
@@ -28,7 +28,7 @@ from array import array
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tests.bench.wsclient import WS, open_ws
+from bench.wsclient import WS, open_ws
 
 monotonic_ns = time.monotonic_ns
 

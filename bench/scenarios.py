@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench import floor as floor_mod
-from tests.bench.harness import (
+from bench import floor as floor_mod
+from bench.harness import (
     CpuMeter,
     LoadPool,
     Servers,
@@ -29,7 +29,7 @@ from tests.bench.harness import (
     sources,
     start_servers,
 )
-from tests.bench.loadproc import content_for
+from bench.loadproc import content_for
 
 GATEWAYWORKER_FLOOD = 98_000
 """Deliveries/s GatewayWorker reaches flooded, 1 gateway + 1 worker (figure quoted by issue 5)."""
@@ -63,7 +63,7 @@ class Settings:
     """both: servers on CPU 0, load on CPU 1; servers: servers on CPU 0 only; none"""
     url: str | None = None
     register: str | None = None
-    out_dir: Path = Path("tests/output/bench")
+    out_dir: Path = Path("bench/output")
     profile: bool = False
     gateway_args: list[str] = field(default_factory=list)
     quick: bool = False
@@ -95,7 +95,7 @@ def say_frame_bytes(content_size: int) -> bytes:
         "time": "2026-11-21 23:59:59",
     }
     payload = json.dumps(message, separators=(",", ":")).encode()
-    from tests.bench.wsclient import server_frame
+    from bench.wsclient import server_frame
 
     return server_frame(payload)
 
@@ -1144,7 +1144,7 @@ def summarize_collapsed(raw: Path, top: int = 12) -> dict[str, Any]:
     }
 
 
-from tests.bench.publisher import publisher  # noqa: E402 (it needs target() above)
+from bench.publisher import publisher  # noqa: E402 (it needs target() above)
 
 SCENARIOS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "floor": floor,

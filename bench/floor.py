@@ -20,8 +20,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tests.bench.harness import busy_fraction, cpu_times
-from tests.bench.loadproc import raise_nofile
+from bench.harness import busy_fraction, cpu_times
+from bench.loadproc import raise_nofile
 
 
 def _reader(pipe: Connection, connections: int, cpus: list[int] | None) -> None:

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from tests.bench.harness import percentiles, start_servers
+from bench.harness import percentiles, start_servers
 
 TARGET_P99_MS = 10.0
 PACED_THREADS = 4
@@ -156,7 +156,7 @@ def publisher(s: Any) -> dict[str, Any]:
         receiver.join(30)
     finally:
         servers.stop()
-    from tests.bench.scenarios import target
+    from bench.scenarios import target
 
     lat = percentiles(got["latencies"][: sent["paced"]])
     p99 = lat["p99_ms"]
