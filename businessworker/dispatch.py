@@ -304,7 +304,15 @@ def _start(coro: Any) -> Any:
 
 
 async def _drive(coro: Any, waiting_for: Any) -> None:
-    """Go on with a started coroutine, as a task would: wait for what it yielded, resume it."""
+    """Go on with a started coroutine, as a task would: wait for what it yielded, resume it.
+
+    Python 3.12's ``asyncio.eager_task_factory`` does this (a task that runs inline
+    until it first waits); 3.11, which this project supports, has no supported way.
+    A future yielded by a coroutine carries ``_asyncio_future_blocking = True``
+    (asyncio's own protocol between futures and tasks, the same on 3.11-3.13): a
+    task clears it before waiting on the future, and so must we. On 3.12 and later
+    this could be replaced by creating the task with ``eager_start``.
+    """
     while True:
         try:
             if waiting_for is None:  # a bare yield: just give the loop a turn

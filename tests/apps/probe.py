@@ -13,37 +13,11 @@ import json
 import os
 from typing import Any
 
-from businessworker import api
+from businessworker import api, cluster
 
-COMMANDS = {
-    "send_to_client",
-    "send_to_clients",
-    "send_to_all",
-    "send_to_group",
-    "send_to_uid",
-    "close_client",
-    "leave_group",
-    "ungroup",
-    "bind_uid",
-    "unbind_uid",
-    "set_session",
-    "update_session",
-}
-QUERIES = {
-    "join_group",
-    "is_online",
-    "is_uid_online",
-    "get_client_ids_by_uid",
-    "get_uid_by_client_id",
-    "get_session",
-    "get_client_sessions_by_group",
-    "get_client_ids_by_group",
-    "get_uids_by_group",
-    "get_client_count_by_group",
-    "get_all_group_ids",
-    "get_all_client_count",
-    "get_all_client_sessions",
-}
+# join_group's answer is awaited (it says whether the client was online): a query here.
+COMMANDS = set(cluster.COMMANDS) - {"join_group"}
+QUERIES = set(cluster.QUERIES) | {"join_group"}
 
 
 def on_connect(client_id: int, session: dict[str, Any]) -> None:

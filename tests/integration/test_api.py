@@ -14,6 +14,8 @@ from websockets.exceptions import ConnectionClosed
 from businessworker.testing import TIMEOUT
 from tests.cluster import Cluster
 
+FENCE = "fence: nothing after this"
+
 
 class Probe:
     """A client of the probe app: ``call`` runs one API function in a worker."""
@@ -55,13 +57,13 @@ class Probe:
             return self.inbox.pop(0)
         return await self._recv()
 
-    async def nothing(self, timeout: float = 0.3) -> None:
+    async def nothing(self, after: Probe) -> None:
+        """Nothing more comes from what ``after`` did: a marker sent by ``after``'s worker
+        (which sent the commands before it, in order) arrives with nothing before it."""
         assert not self.inbox, self.inbox
-        try:
-            extra = await asyncio.wait_for(self.ws.recv(), timeout)
-        except TimeoutError:
-            return
-        raise AssertionError(f"unexpected {extra!r}")
+        await after.call("send_to_client", self.id, FENCE)
+        extra = await self.push()
+        assert extra == FENCE, f"unexpected {extra!r}"
 
     async def close(self) -> None:
         await self.ws.close()
@@ -110,7 +112,7 @@ async def test_send_to_client_and_clients_across_gateways(probe_cluster: Cluster
     await b.call("send_to_clients", [a.id, c.id], {"to": "both"})
     assert await a.push() == {"to": "both"}
     assert await c.push() == {"to": "both"}
-    await b.nothing()
+    await b.nothing(after=b)
     await close_all(a, b, c)
 
 
@@ -119,7 +121,7 @@ async def test_send_to_all_with_exclusions(probe_cluster: Cluster) -> None:
     await b.call("send_to_all", "everyone", exclude=[a.id])
     assert await b.push() == "everyone"
     assert await c.push() == "everyone"
-    await a.nothing()
+    await a.nothing(after=b)
     await close_all(a, b, c)
 
 
@@ -134,12 +136,12 @@ async def test_groups(probe_cluster: Cluster) -> None:
     await c.call("send_to_group", "g1", "hello g1", exclude=[b.id])
     assert await a.push() == "hello g1"
     assert await c.push() == "hello g1"
-    await b.nothing()
+    await b.nothing(after=c)
 
     await a.call("join_group", a.id, "g2")
     await a.call("send_to_group", ["g1", "g2"], "once")  # a is in both: gets it once
     assert [await p.push() for p in (a, b, c)] == ["once"] * 3
-    await a.nothing()
+    await a.nothing(after=a)
 
     await b.call("leave_group", b.id, "g1")
     assert await a.call("get_client_ids_by_group", "g1") == sorted([a.id, c.id])
@@ -162,7 +164,7 @@ async def test_uids(probe_cluster: Cluster) -> None:
     await c.call("send_to_uid", "alice", "for alice")
     assert await a.push() == "for alice"
     assert await b.push() == "for alice"
-    await c.nothing()
+    await c.nothing(after=c)
     await c.call("join_group", a.id, "u")
     await c.call("join_group", c.id, "u")
     assert await c.call("get_uids_by_group", "u") == ["42", "alice"]

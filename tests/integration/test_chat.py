@@ -89,7 +89,8 @@ async def test_seed_scenario(chat_cluster: Cluster) -> None:
     await nick.recv()
     logout = '{"type":"logout","uid":$pig,"name":"$pig_name","time":"$time"}'
     assert_frame(nick.frames[3], logout, **ids)
-    await nick.quiet()
+    await nick.say("marker")  # behind anything else the room would have sent
+    assert (await nick.expect("say"))["content"] == "marker"
     await nick.close()
 
 

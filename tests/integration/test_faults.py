@@ -126,7 +126,9 @@ async def test_restarting_the_register_loses_no_message(cluster: Cluster) -> Non
 async def test_without_workers_clients_wait_and_are_served_later(cluster: Cluster) -> None:
     client = await ChatClient.open(cluster.ws_url(0))
     await client.send({"type": "login", "name": "early"})
-    await client.quiet(0.5)  # nobody to answer yet, but the connection stays
+    # Nobody to answer yet: the gateway says its event waits, and the connection stays.
+    await asyncio.to_thread(cluster.wait_log, "gateway0", "no worker linked, queueing events")
+    assert client.ws.state.name == "OPEN"
     cluster.workers.append(None)
     cluster.start_worker(0)
     assert (await client.expect("user_list"))["user_list"][0]["name"] == "early"
