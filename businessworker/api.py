@@ -29,9 +29,9 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from businessworker import presence
-from gateway import client as gw
+from gateway import link as gw
 from gateway import protocol as p
-from gateway.client import Run
+from gateway.link import Run
 
 if TYPE_CHECKING:
     from businessworker.links import GatewayLinks

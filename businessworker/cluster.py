@@ -67,8 +67,8 @@ from businessworker.links import GatewayLinks
 from chatcluster import keys as curve
 from chatcluster import links as timing
 from gateway import protocol as gateway_protocol
-from gateway.client import Batch, Run
 from gateway.dedup import KEY_PREFIX, KEY_WINDOW
+from gateway.link import Batch, Run
 from gateway.workers import PUBLISHER
 from register import protocol as register_protocol
 from register.client import RegisterClient, register_addresses

@@ -32,8 +32,8 @@ from businessworker import api
 from businessworker.app import App, Request
 from businessworker.presence import Parker
 from gateway import protocol as p
-from gateway.client import GatewayLink, Run, encode_set_session, when_receipted
 from gateway.ids import prefix_of
+from gateway.link import GatewayLink, Run, encode_set_session, when_receipted
 
 log = logging.getLogger("businessworker.dispatch")
 

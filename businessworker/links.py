@@ -32,8 +32,8 @@ from chatcluster.cli import zmq_address_error
 from chatcluster.keys import Keys
 from chatcluster.logs import Throttle, held_back
 from gateway import protocol as p
-from gateway.client import EventHandler, GatewayLink, Run
 from gateway.ids import prefix_of
+from gateway.link import EventHandler, GatewayLink, Run
 
 log = logging.getLogger("businessworker.links")
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import protocol as p
-from gateway.client import GatewayLink, Run, encode_park
+from gateway.link import GatewayLink, Run, encode_park
 
 if TYPE_CHECKING:
     from businessworker.links import GatewayLinks

@@ -14,7 +14,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from gateway import client as gw
+from gateway import link as gw
 from gateway import protocol as p
 
 

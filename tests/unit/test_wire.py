@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from gateway import client as gw
 from gateway import ids
+from gateway import link as gw
 from gateway import protocol as p
 from gateway.connection import text_frame
 from register import protocol as rp

@@ -42,7 +42,7 @@ from chatcluster.keys import Keys
 from gateway import protocol as p
 from gateway.zmqreader import BatchReader
 
-log = logging.getLogger("gateway.client")
+log = logging.getLogger("gateway.link")
 
 BATCH = 2000
 FLUSH_AT = 1 << 20
