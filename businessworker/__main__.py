@@ -6,10 +6,8 @@ shell instead (see ``businessworker.remote``).
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import importlib
-import signal
 import sys
 
 import uvloop
@@ -17,9 +15,9 @@ import zmq.asyncio
 
 from businessworker.app import App
 from businessworker.worker import Worker
-from chatcluster import cli, links, logs
+from chatcluster import cli, links, logs, process
 from chatcluster import keys as curve
-from register.client import ENV_REGISTER, register_addresses
+from register.client import register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,30 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODULE",
         help="importable module with the callbacks, e.g. businessworker.chat (no default)",
     )
-    parser.add_argument(
-        "--register",
-        action="append",
-        type=cli.zmq_address(),
-        metavar="ADDR",
-        help=f"register address, repeatable for redundant registers "
-        f"(default: ${ENV_REGISTER}, comma-separated, else tcp://127.0.0.1:1236)",
-    )
-    parser.add_argument(
-        "--curve-key",
-        metavar="FILE",
-        help=f"the cluster's secret key file (default: ${curve.ENV_KEY}, else "
-        f"{curve.default_file()}, made at the first start)",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plain links, no key: for a cluster started --insecure (a WARNING at start)",
-    )
+    parser.add_registers()
+    parser.add_cluster_key("plain links, no key: for a cluster started --insecure (a WARNING)")
     parser.add_link_timeout()
     parser.add_log_level()
     args = parser.parse_args(argv)
-    if args.curve_key and args.insecure:
-        parser.error("give --curve-key or --insecure, not both")
+    parser.check_cluster_key(args)
     logs.setup(args.log_level)
     registers = register_addresses(args.register)
     app = load_app(args.app)
@@ -108,12 +88,7 @@ def _import_failed(name: str, exc: BaseException) -> cli.OperatorError:
 
 
 async def _run(app: App, registers: list[str], keys: curve.Keys | None, link_timeout: float) -> int:
-    worker = Worker(app, registers, keys=keys, link_timeout=link_timeout)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
-    return 1 if worker.failed else 0
+    return await process.serve(Worker(app, registers, keys=keys, link_timeout=link_timeout))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ from typing import Any
 from businessworker import api
 from businessworker.cluster import QUERIES, AsyncCluster, ClusterError
 from chatcluster import cli
-from chatcluster import keys as curve
-from register.client import ENV_REGISTER
 
 
 def main(argv: list[str]) -> int:
@@ -46,25 +44,13 @@ def main(argv: list[str]) -> int:
     query.add_argument("name", metavar="NAME", choices=QUERIES, help=", ".join(QUERIES))
     query.add_argument("args", metavar="ARG", nargs="*", help="its arguments")
     for sub in (send, query):
-        sub.add_argument(
-            "--register",
-            action="append",
-            type=cli.zmq_address(),
-            metavar="ADDR",
-            help=f"register address (default: ${ENV_REGISTER}, else tcp://127.0.0.1:1236)",
-        )
-        sub.add_argument(
-            "--curve-key",
-            metavar="FILE",
-            help=f"the cluster's key file (default: ${curve.ENV_KEY}, else {curve.default_file()})",
-        )
-        sub.add_argument("--insecure", action="store_true", help="for a cluster run --insecure")
+        sub.add_registers()
+        sub.add_cluster_key("for a cluster run --insecure")
         sub.add_argument(
             "--timeout", type=cli.positive_float, default=5.0, help="seconds to wait (default 5)"
         )
     args = parser.parse_args(argv)
-    if args.curve_key and args.insecure:
-        parser.error("give --curve-key or --insecure, not both")
+    parser.check_cluster_key(args)
     call_args: list[Any] = []
     if args.verb == "query":
         call_args = _arguments(parser, args.name, args.args)

@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import zmq.asyncio
@@ -20,6 +20,7 @@ from businessworker.dispatch import Dispatcher
 from businessworker.links import GatewayLinks
 from chatcluster import links as timing
 from chatcluster.keys import Keys
+from chatcluster.process import Lifecycle
 from gateway import protocol as gateway_protocol
 from register import protocol as register_protocol
 from register.client import RegisterClient
@@ -30,7 +31,7 @@ STOP_TIMEOUT = 10.0
 """Seconds a stopping worker waits for running callbacks to finish."""
 
 
-class Worker:
+class Worker(Lifecycle):
     """Stateless: every client fact lives on the gateways, so a worker can die any time."""
 
     def __init__(
@@ -42,6 +43,7 @@ class Worker:
         ctx: zmq.asyncio.Context | None = None,
         link_timeout: float = timing.LINK_TIMEOUT,
     ) -> None:
+        super().__init__()
         self.app = app
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.id = uuid.uuid4().hex[:12]
@@ -67,23 +69,6 @@ class Worker:
             keys=keys,
             link_timeout=link_timeout,
         )
-        self._stopping = asyncio.Event()
-        self.failed = False
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a task for the life of the process; if it fails, stop rather than limp on."""
-        task = asyncio.create_task(coro)
-        task.add_done_callback(self._crashed)
-        return task
-
-    def _crashed(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("background task failed, stopping", exc_info=task.exception())
-            self.failed = True
-            self.stop()
 
     async def run(self) -> None:
         api.bind(self.links)

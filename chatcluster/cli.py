@@ -63,6 +63,35 @@ class Parser(argparse.ArgumentParser):
             f"gone (default: ${links.ENV_LINK_TIMEOUT}, else {links.LINK_TIMEOUT:g})",
         )
 
+    def add_registers(
+        self, what: str = "register address, repeatable for redundant registers"
+    ) -> None:
+        """``--register ADDR`` (repeatable): where the cluster's register(s) are."""
+        self.add_argument(
+            "--register",
+            action="append",
+            type=zmq_address(),
+            metavar="ADDR",
+            help=f"{what} (default: $CHAT_REGISTER, comma-separated, else tcp://127.0.0.1:1236)",
+        )
+
+    def add_cluster_key(self, insecure_help: str) -> None:
+        """``--curve-key FILE`` and ``--insecure``: how this program joins the cluster's links."""
+        from chatcluster import keys
+
+        self.add_argument(
+            "--curve-key",
+            metavar="FILE",
+            help=f"the cluster's secret key file (default: ${keys.ENV_KEY}, else "
+            f"{keys.default_file()}, made at the first start of a member)",
+        )
+        self.add_argument("--insecure", action="store_true", help=insecure_help)
+
+    def check_cluster_key(self, args: argparse.Namespace) -> None:
+        """A usage error for --curve-key with --insecure."""
+        if args.curve_key and args.insecure:
+            self.error("give --curve-key or --insecure, not both")
+
     def add_log_level(self) -> None:
         """The ``--log-level`` every program takes (debug also shows an operator
         error's traceback)."""

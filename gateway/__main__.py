@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import re
-import signal
 import ssl
 
 import uvloop
 import zmq.asyncio
 
-from chatcluster import cli, links, logs
+from chatcluster import cli, links, logs, process
 from chatcluster import keys as curve
 from gateway.server import Gateway, GatewayConfig, binds_everywhere
-from register.client import ENV_REGISTER, register_addresses
+from register.client import register_addresses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,25 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         help="address the workers dial, when not --internal (needed when --internal binds "
         "every interface); port * means --internal's (default: --internal's address)",
     )
-    parser.add_argument(
-        "--register",
-        action="append",
-        type=cli.zmq_address(),
-        metavar="ADDR",
-        help=f"register address, repeatable for redundant registers "
-        f"(default: ${ENV_REGISTER}, comma-separated, else tcp://127.0.0.1:1236)",
-    )
-    parser.add_argument(
-        "--curve-key",
-        metavar="FILE",
-        help=f"the cluster's secret key file (default: ${curve.ENV_KEY}, else "
-        f"{curve.default_file()}, made at the first start)",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plain links, no key: any local account can join (a WARNING at start)",
-    )
+    parser.add_registers()
+    parser.add_cluster_key("plain links, no key: any local account can join (a WARNING at start)")
     parser.add_argument(
         "--tls-cert",
         metavar="FILE",
@@ -124,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert (the certificate it is the key of)")
-    if args.curve_key and args.insecure:
-        parser.error("give --curve-key or --insecure, not both")
+    parser.check_cluster_key(args)
     if args.advertise is None and binds_everywhere(args.internal):
         parser.error(
             f"--internal {args.internal} binds every interface: say with --advertise which "
@@ -193,12 +173,7 @@ def _tune_gc() -> None:
 
 
 async def _run(config: GatewayConfig) -> int:
-    gateway = Gateway(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, gateway.stop)
-    await gateway.run()
-    return 1 if gateway.failed else 0
+    return await process.serve(Gateway(config))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 import socket
 import ssl as ssl_module
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 from chatcluster import auth, links
 from chatcluster.cli import USAGE, OperatorError, os_reason, zmq_failure
 from chatcluster.keys import Keys, check_exposure
+from chatcluster.process import Lifecycle
 from gateway import protocol
 from gateway.clients import ClientTable
 from gateway.commands import Commands
@@ -80,10 +81,11 @@ class GatewayConfig:
     """TLS for the client side (wss://), or None."""
 
 
-class Gateway:
+class Gateway(Lifecycle):
     """Holds client connections and carries out the workers' commands."""
 
     def __init__(self, config: GatewayConfig, *, ctx: zmq.asyncio.Context | None = None) -> None:
+        super().__init__()
         check_exposure(config.internal, config.keys)
         self.config = config
         self.max_message_size = config.max_message_size
@@ -98,8 +100,6 @@ class Gateway:
         self._outbox: list[ClientConnection] = []
         self._flush_scheduled = False
         self._accepted = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self.failed = False
         self._server: asyncio.AbstractServer | None = None
 
     # Client side, called by ClientConnection
@@ -246,9 +246,6 @@ class Gateway:
                 authenticator.stop()
             log.info("gateway stopped id=%s", self.id)
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     async def _listen(self) -> asyncio.AbstractServer:
         """Bind the client port, not yet serving; a port we cannot have is the operator's."""
         host, port = self.config.host, self.config.port
@@ -270,18 +267,6 @@ class Gateway:
                     "nothing else can; stop it or give another --listen)"
                 )
             raise OperatorError(f"cannot listen on {host}:{port}: {why}") from exc
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a task for the life of the process; if it fails, stop rather than limp on."""
-        task = asyncio.create_task(coro)
-        task.add_done_callback(self._crashed)
-        return task
-
-    def _crashed(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("background task failed, stopping", exc_info=task.exception())
-            self.failed = True
-            self.stop()
 
     async def _wait_accepted(self) -> bool:
         """Serve clients only once a register accepted our id prefix (ids must be unique).

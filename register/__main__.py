@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -13,10 +11,10 @@ from collections.abc import Sequence
 import uvloop
 import zmq.asyncio
 
-from chatcluster import cli, links, logs
+from chatcluster import cli, links, logs, process
 from chatcluster import keys as curve
 from register import protocol
-from register.client import ENV_REGISTER, fetch_status, register_addresses
+from register.client import fetch_status, register_addresses
 from register.server import Register
 
 COMMANDS = ("run", "status", "keys")
@@ -43,7 +41,7 @@ def parser() -> cli.Parser:
         help="ZeroMQ address to bind, where gateways and workers reach it "
         "(default: %(default)s; beyond loopback every member needs the cluster key)",
     )
-    _key_options(run)
+    run.add_cluster_key("plain links, no key: any local account can join (a WARNING at start)")
     run.add_link_timeout()
     run.add_log_level()
 
@@ -52,14 +50,7 @@ def parser() -> cli.Parser:
         help="print a live register's table: gateways, connections, workers",
         description="Ask a live register for its table and print it.",
     )
-    status.add_argument(
-        "--register",
-        action="append",
-        type=cli.zmq_address(),
-        metavar="ADDR",
-        help=f"register to ask, repeatable: the first that answers is shown "
-        f"(default: ${ENV_REGISTER}, else {protocol.DEFAULT_ADDRESS})",
-    )
+    status.add_registers("register to ask, repeatable: the first that answers is shown")
     status.add_argument("--json", action="store_true", help="print one JSON document")
     status.add_argument(
         "--timeout",
@@ -68,7 +59,7 @@ def parser() -> cli.Parser:
         metavar="S",
         help="seconds to wait for each register's answer (default: %(default)g)",
     )
-    _key_options(status, made=False)
+    status.add_cluster_key("ask a register started --insecure (plain link, no key)")
     status.add_log_level()
 
     keys = sub.add_parser(
@@ -97,23 +88,6 @@ def _misplaced(top: cli.Parser, command: str, extra: list[str]) -> None:
             hint = f": {'they belong' if len(extra) > 1 else 'it belongs'} to `{sub.prog}`"
             break
     subs.choices[command].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
-
-
-def _key_options(parser: cli.Parser, made: bool = True) -> None:
-    default = f"${curve.ENV_KEY}, else {curve.default_file()}"
-    parser.add_argument(
-        "--curve-key",
-        metavar="FILE",
-        help=f"the cluster's secret key file (default: {default}"
-        + (", made at the first start)" if made else ")"),
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plain links, no key: any local account can join (a WARNING at start)"
-        if made
-        else "ask a register started --insecure (plain link, no key)",
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,12 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(bind: str, keys: curve.Keys | None, link_timeout: float) -> int:
-    register = Register(bind, keys=keys, link_timeout=link_timeout)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, register.stop)
-    await register.run()
-    return 1 if register.failed else 0
+    return await process.serve(Register(bind, keys=keys, link_timeout=link_timeout))
 
 
 async def _status(

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
 import zmq
@@ -18,6 +17,7 @@ from chatcluster import auth, links
 from chatcluster.cli import zmq_failure
 from chatcluster.keys import Keys, check_exposure
 from chatcluster.logs import Throttle, held_back
+from chatcluster.process import Lifecycle
 from register import protocol
 from register.streams import Streams
 from register.table import Table
@@ -34,7 +34,7 @@ PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
 """After this long up, every live gateway has beaten at least once."""
 
 
-class Register:
+class Register(Lifecycle):
     """Keeps the table of gateways and tells every worker when it changes."""
 
     def __init__(
@@ -46,6 +46,7 @@ class Register:
         link_timeout: float = links.LINK_TIMEOUT,
         streams_settle: float = STREAMS_SETTLE,
     ) -> None:
+        super().__init__()
         check_exposure(bind, keys)
         self.streams_settle = streams_settle
         """publishes wait this long after the start (every gateway's stream socket beat)"""
@@ -74,8 +75,6 @@ class Register:
         self._pushed_version = -1
         self._was_settled = False
         self._refusals = Throttle()
-        self._stopping = asyncio.Event()
-        self.failed = False
 
     @property
     def settled(self) -> bool:
@@ -125,21 +124,6 @@ class Register:
             if authenticator is not None:
                 authenticator.stop()
             log.info("register stopped")
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a task for the life of the process; if it fails, stop rather than limp on."""
-        task = asyncio.create_task(coro)
-        task.add_done_callback(self._crashed)
-        return task
-
-    def _crashed(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("background task failed, stopping", exc_info=task.exception())
-            self.failed = True
-            self.stop()
 
     async def _tick(self) -> None:
         while True:
