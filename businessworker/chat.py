@@ -27,7 +27,13 @@ and nobody was told it left or joined; false: it is a new member). Every room
 message it gets has "epoch" and "offset" too. Such a member stays in the room
 for GRACE seconds (CHAT_GRACE, default 10) after its connection drops (or the
 server closed it); its logout comes only if it is not back by then. One that
-closes its connection itself has left: its logout comes at once.
+closes its connection itself has left: its logout comes at once. When a member
+resumes, every such client in the room gets
+    {"type":"back","uid":U,"name":N,"time":T}
+(the member itself excepted), which shows nothing but puts U in the list if it
+is not there: a client that resumed a moment earlier may have had a user_list
+without U (after a gateway died, its workers park its members on the new
+gateway one by one, so a roster read meanwhile can miss some of them).
 
 Uses only the public API, like any application. Each room is the group
 "room:" + name; the default room has the empty name. Rooms keep their last
@@ -69,6 +75,11 @@ def now() -> str:
 
 def room_group(room: str) -> str:
     return "room:" + room
+
+
+def presence_group(room: str) -> str:
+    """The room's clients that asked for continuity: they alone get "back"."""
+    return "back:" + room
 
 
 async def on_message(client_id: int, message: str | bytes, session: dict[str, Any]) -> None:
@@ -139,6 +150,8 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
         member_token = api.keep_member(client_id, grace=GRACE)
         api.bind_uid(client_id, client_id)
     group = room_group(room)
+    if since is not None:  # before the room's join: any "back" not in our list then reaches us
+        api.join_group(client_id, presence_group(room))
     try:
         # Join first, holding the room's traffic back until the user_list below
         # is written: whoever logs in concurrently is then either in our list or
@@ -152,6 +165,7 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
             for key in ("name", "room", "since", "uid", api.MEMBER_KEY):
                 session.pop(key, None)
         api.leave_group(client_id, group)
+        api.leave_group(client_id, presence_group(room))
         raise ChatError("busy", "the server is busy, log in again") from None
     # Oldest login first, as in the capture (uids of different gateways do not
     # sort by age).
@@ -172,6 +186,9 @@ async def login(client_id: int, request: dict[str, Any], session: dict[str, Any]
     api.send_to_client(client_id, '{"type":"user_list","user_list":[' + users + "]" + tail + "}")
     if not resumed:
         api.send_to_group(group, {"type": "login", "uid": client_id, "name": name, "time": now()})
+    else:
+        notice = {"type": "back", "uid": session["uid"], "name": session["name"], "time": now()}
+        api.send_to_group(presence_group(room), notice, exclude=[client_id])
 
 
 async def say(client_id: int, request: dict[str, Any], session: dict[str, Any]) -> None:

@@ -222,7 +222,9 @@ async def test_a_member_back_within_the_grace_carries_on(
     assert sorted(u["name"] for u in listing["user_list"]) == ["alice", "watcher"]
     await h.settle()
     assert [m.get("content") for m in back.inbox] == ["while away"], list(back.inbox)
-    assert [m["type"] for m in watcher.inbox] == ["say"]  # its own say: no logout, no login
+    # its own say, and the roster repair: no logout, no login
+    assert [m["type"] for m in watcher.inbox] == ["say", "back"]
+    assert watcher.inbox[-1]["uid"] == alice.uid and watcher.inbox[-1]["name"] == "alice"
     assert h.session(back)["name"] == "alice"  # type: ignore[index]
     assert h.uid(back) == str(alice.uid)
 
@@ -257,5 +259,25 @@ async def test_members_of_a_killed_gateway_resume_on_the_other(
         assert again.user_list["resumed"] is True  # type: ignore[attr-defined]
         assert again.user_list["uid"] == member.uid  # type: ignore[attr-defined]
     await h.settle()
-    assert not stay.inbox  # nobody left, nobody joined
+    # nobody left, nobody joined; each one back is told (and shows nothing)
+    assert [m["type"] for m in stay.inbox] == ["back"] * 3
     assert len(h.members("room:killed")) == 4
+
+
+async def test_back_goes_only_to_clients_that_asked_for_continuity(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chat, "GRACE", 30.0)
+    seed = await login(h, "seed", "mixed", gateway=1)  # the capture's client: no "resume"
+    aware = await login(h, "aware", "mixed", gateway=1, resume=True)
+    alice = await login(h, "alice", "mixed", resume=True)
+    await h.settle()
+    seed.inbox.clear()
+    aware.inbox.clear()
+    await alice.drop()
+    again = await login(h, "x", "mixed", resume={"token": alice.user_list["token"]})  # type: ignore[attr-defined]
+    assert again.user_list["resumed"] is True  # type: ignore[attr-defined]
+    await h.settle()
+    assert [m["type"] for m in aware.inbox] == ["back"]
+    assert not seed.inbox  # the seed's shapes only, and nothing happened for it
+    assert not again.inbox  # not told about itself

@@ -257,6 +257,16 @@ class ChatApp {
         this.view.addMessage("logout", { time: msg.time, tag: "left", from: msg.name, text: "left the chat" });
         break;
       }
+      case "back": {
+        // A member who never left resumed: no line, but make sure it is listed (our own
+        // user_list may have been read before its gateway's members were parked again).
+        if (!this.users.has(msg.uid)) {
+          this.users.set(msg.uid, msg.name);
+          this.names.set(msg.uid, msg.name);
+          this.renderUsers();
+        }
+        break;
+      }
       case "say":
         this.onSay(msg);
         break;

@@ -78,6 +78,7 @@ export function parseMessage(text) {
     }
     case "login":
     case "logout":
+    case "back":
       if (!isUid(m.uid) || !isStr(m.name)) return null;
       return { type: m.type, uid: m.uid, name: m.name, time: optStr(m.time), position: position(m) };
     case "say":
