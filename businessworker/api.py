@@ -29,6 +29,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from businessworker import presence
+from businessworker.links import concat
 from gateway import link as gw
 from gateway import protocol as p
 from gateway.link import Run
@@ -71,9 +72,6 @@ MEMBER_KEY = presence.MEMBER_KEY
 """The session key that ``keep_member`` reserves for a kept member's record."""
 
 _links: GatewayLinks | None = None
-_decode = p.SessionDecoder()
-_last_sessions: tuple[list[Any], dict[int, dict[str, Any]]] | None = None
-"""The last answers of a sessions query, decoded (kept to tell shared answers by identity)."""
 _scope: ContextVar[Any] = ContextVar("businessworker_callback_scope", default=None)
 """The callback being run (set by the dispatcher); its session is written back
 before any query, so a callback that changed its session then asks the cluster
@@ -142,9 +140,7 @@ def _run() -> Run:
 
 def send_to_client(client_id: int, data: Any) -> None:
     """Send to one client, wherever it is connected."""
-    link = _cluster().for_client(client_id)
-    if link is not None:
-        link.send_frame(gw.encode_send([int(client_id)], encode(data)), _run())
+    _cluster().send_to_client(client_id, gw.encode_send([int(client_id)], encode(data)), _run())
 
 
 def send_to_clients(client_ids: Iterable[int], data: Any) -> None:
@@ -217,14 +213,9 @@ def history_of(group: str) -> tuple[int, float] | None:
 def _publish(group: str, payload: Any, exclude: list[int], bounds: tuple[int, float]) -> None:
     """Hand a history group's message to one gateway: the event's own, else any."""
     run = _run()
-    link = run.link
-    cluster = _cluster()
-    if link is None or link not in cluster.all():
-        links = cluster.all()
-        if not links:
-            return
-        link = links[0]
-    link.send_frame(gw.encode_publish_group(group, payload, exclude, *bounds), run)
+    link = _cluster().publisher_for(run)
+    if link is not None:
+        link.send_frame(gw.encode_publish_group(group, payload, exclude, *bounds), run)
 
 
 def send_to_uid(uid: str | int | Iterable[str | int], data: Any) -> None:
@@ -235,10 +226,8 @@ def send_to_uid(uid: str | int | Iterable[str | int], data: Any) -> None:
 
 def close_client(client_id: int, data: Any = None, *, code: int = 1000) -> None:
     """Close a client, after an optional last message."""
-    link = _cluster().for_client(client_id)
-    if link is not None:
-        payload = None if data is None else encode(data)
-        link.send_frame(gw.encode_close(int(client_id), payload, code), _run())
+    payload = None if data is None else encode(data)
+    _cluster().send_to_client(client_id, gw.encode_close(int(client_id), payload, code), _run())
 
 
 # Groups and uids
@@ -292,9 +281,7 @@ async def _as_recovery(joined: Awaitable[Any]) -> Any:
 def leave_group(client_id: int, group: str | int) -> None:
     """Take a client out of a group (nothing if it is not in it)."""
     _note_member(client_id, leave=_key(group))
-    link = _cluster().for_client(client_id)
-    if link is not None:
-        link.send_frame(gw.encode_leave(int(client_id), _key(group)), _run())
+    _cluster().send_to_client(client_id, gw.encode_leave(int(client_id), _key(group)), _run())
 
 
 def ungroup(group: str | int) -> None:
@@ -305,17 +292,14 @@ def ungroup(group: str | int) -> None:
 def bind_uid(client_id: int, uid: str | int) -> None:
     """Bind a client to a user id (one uid per client; a uid may have many clients)."""
     _note_member(client_id, uid=_key(uid))
-    link = _cluster().for_client(client_id)
-    if link is not None:
-        link.send_frame(gw.encode_bind_uid(int(client_id), _key(uid)), _run())
+    _cluster().send_to_client(client_id, gw.encode_bind_uid(int(client_id), _key(uid)), _run())
 
 
 def unbind_uid(client_id: int, uid: str | int) -> None:
     """Unbind a client from its uid (nothing if it is bound to another)."""
     _note_member(client_id, uid=None)
-    link = _cluster().for_client(client_id)
-    if link is not None:
-        link.send_frame(gw.encode_unbind_uid(int(client_id), _key(uid)), _run())
+    frame = gw.encode_unbind_uid(int(client_id), _key(uid))
+    _cluster().send_to_client(client_id, frame, _run())
 
 
 # Members kept through a disconnect (businessworker.presence)
@@ -454,16 +438,14 @@ def _note_member(
 
 def set_session(client_id: int, session: dict[str, Any]) -> None:
     """Replace a client's session (from any worker, by client id)."""
-    link = _cluster().for_client(client_id)
-    if link is not None:
-        link.send_frame(gw.encode_set_session(int(client_id), p.pack_session(session)), _run())
+    frame = gw.encode_set_session(int(client_id), p.pack_session(session))
+    _cluster().send_to_client(client_id, frame, _run())
 
 
 def update_session(client_id: int, changes: dict[str, Any]) -> None:
     """Merge keys into a client's session."""
-    link = _cluster().for_client(client_id)
-    if link is not None:
-        link.send_frame(gw.encode_update_session(int(client_id), p.pack_session(changes)), _run())
+    frame = gw.encode_update_session(int(client_id), p.pack_session(changes))
+    _cluster().send_to_client(client_id, frame, _run())
 
 
 # Queries
@@ -477,7 +459,7 @@ async def is_online(client_id: int) -> bool:
 async def get_session(client_id: int) -> dict[str, Any] | None:
     """The client's session (a copy), or None if it is not connected."""
     packed = await _ask_client(client_id, p.Q_SESSION, None)
-    return None if packed is None else _decode(packed)
+    return None if packed is None else _cluster().session(packed)
 
 
 async def get_uid_by_client_id(client_id: int) -> str | None:
@@ -492,22 +474,22 @@ async def is_uid_online(uid: str | int) -> bool:
 
 async def get_client_ids_by_uid(uid: str | int) -> list[int]:
     """The client ids bound to the uid, on every gateway, sorted."""
-    return sorted(_concat(await _ask_all(p.Q_UID_CLIENTS, _key(uid))))
+    return sorted(concat(await _ask_all(p.Q_UID_CLIENTS, _key(uid))))
 
 
 async def get_client_sessions_by_group(group: str | int) -> dict[int, dict[str, Any]]:
     """{client id: session} of every member of the group, in client id order."""
-    return _sessions(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))
+    return _cluster().sessions(await _ask_all(p.Q_GROUP_SESSIONS, _key(group)))
 
 
 async def get_client_ids_by_group(group: str | int) -> list[int]:
     """The client ids of the group's members, on every gateway, sorted."""
-    return sorted(_concat(await _ask_all(p.Q_GROUP_CLIENTS, _key(group))))
+    return sorted(concat(await _ask_all(p.Q_GROUP_CLIENTS, _key(group))))
 
 
 async def get_uids_by_group(group: str | int) -> list[str]:
     """The uids bound to the group's members, each once, sorted."""
-    return sorted(set(_concat(await _ask_all(p.Q_GROUP_UIDS, _key(group)))))
+    return sorted(set(concat(await _ask_all(p.Q_GROUP_UIDS, _key(group)))))
 
 
 async def get_client_count_by_group(group: str | int) -> int:
@@ -517,7 +499,7 @@ async def get_client_count_by_group(group: str | int) -> int:
 
 async def get_all_group_ids() -> list[str]:
     """Every group with at least one member, sorted."""
-    return sorted(set(_concat(await _ask_all(p.Q_GROUPS))))
+    return sorted(set(concat(await _ask_all(p.Q_GROUPS))))
 
 
 async def get_all_client_count() -> int:
@@ -527,57 +509,17 @@ async def get_all_client_count() -> int:
 
 async def get_all_client_sessions() -> dict[int, dict[str, Any]]:
     """{client id: session} of every client of the cluster."""
-    return _sessions(await _ask_all(p.Q_ALL_SESSIONS))
+    return _cluster().sessions(await _ask_all(p.Q_ALL_SESSIONS))
 
 
 async def _ask_client(client_id: int, kind: str, offline: Any) -> Any:
     _flush_session()
-    link = _cluster().for_client(client_id)
-    if link is None:
-        return offline
-    return await link.query(kind, int(client_id))
+    return await _cluster().ask(client_id, kind, offline)
 
 
 async def _ask_all(kind: str, *args: Any) -> list[Any]:
-    """Ask every gateway; a gateway that does not answer in time counts as empty."""
     _flush_session()
-    links = _cluster().all()
-    if not links:
-        return []
-    answers = await asyncio.gather(
-        *(link.query(kind, *args) for link in links), return_exceptions=True
-    )
-    return [None if isinstance(a, BaseException) else a for a in answers]
-
-
-def _sessions(answers: list[Any]) -> dict[int, dict[str, Any]]:
-    """{client id: session}, in client id order, from every gateway's [[id, packed], ...].
-
-    Callers who shared one request (see ``GatewayLink.query``) got the same
-    answer objects: the first decodes and sorts them, the others only copy.
-    """
-    global _last_sessions
-    last = _last_sessions
-    if (
-        last is not None
-        and len(last[0]) == len(answers)
-        and all(a is b for a, b in zip(last[0], answers, strict=True))
-    ):
-        shared = last[1]
-    else:
-        pairs = _concat(answers)
-        pairs.sort(key=_first)
-        shared = _decode.shared_pairs(pairs)
-        _last_sessions = (answers, shared)
-    return {cid: session.copy() for cid, session in shared.items()}
-
-
-def _first(pair: list[Any]) -> Any:
-    return pair[0]
-
-
-def _concat(answers: list[Any]) -> list[Any]:
-    return [item for answer in answers if answer for item in answer]
+    return await _cluster().ask_all(kind, *args)
 
 
 def _done(value: Any) -> asyncio.Future[Any]:

@@ -82,6 +82,9 @@ class GatewayLinks:
         self._own_run: Run | None = None
         self._own_seq = 0
         self._ticker: asyncio.TimerHandle | None = None
+        self._decode = p.SessionDecoder()
+        self._last_sessions: tuple[list[Any], dict[int, dict[str, Any]]] | None = None
+        """the last sessions answers, decoded (shared answers are told by identity)"""
 
     def hello(self, link: GatewayLink) -> list[Any]:
         """A session's HELLO: which gateway we mean, and whether we took it for gone."""
@@ -141,6 +144,67 @@ class GatewayLinks:
 
     def for_client(self, client_id: int) -> GatewayLink | None:
         return self.by_prefix.get(prefix_of(int(client_id)))
+
+    def send_to_client(self, client_id: int, frame: bytes, run: Run) -> bool:
+        """Queue a command on the link of the client's gateway; False if none is linked."""
+        link = self.by_prefix.get(prefix_of(int(client_id)))
+        if link is None:
+            return False
+        link.send_frame(frame, run)
+        return True
+
+    def publisher_for(self, run: Run) -> GatewayLink | None:
+        """The gateway that hands a history group's message to the stream register:
+        the one whose event ``run`` is handling (so the message follows the event's
+        own order), else any linked one."""
+        link = run.link
+        if link is not None and self.links.get(link.gateway_id) is link:
+            return link
+        return next(iter(self.links.values()), None)
+
+    # Queries: the wire side of ``businessworker.api``'s getters
+
+    async def ask(self, client_id: int, kind: str, offline: Any) -> Any:
+        """Ask the client's gateway; ``offline`` if none is linked."""
+        link = self.by_prefix.get(prefix_of(int(client_id)))
+        if link is None:
+            return offline
+        return await link.query(kind, int(client_id))
+
+    async def ask_all(self, kind: str, *args: Any) -> list[Any]:
+        """Ask every gateway; one that does not answer in time counts as empty (None)."""
+        links = list(self.links.values())
+        if not links:
+            return []
+        answers = await asyncio.gather(
+            *(link.query(kind, *args) for link in links), return_exceptions=True
+        )
+        return [None if isinstance(a, BaseException) else a for a in answers]
+
+    def session(self, packed: bytes) -> dict[str, Any]:
+        """A packed session as a dict of the caller's own (each distinct one decoded once)."""
+        return self._decode(packed)
+
+    def sessions(self, answers: list[Any]) -> dict[int, dict[str, Any]]:
+        """{client id: session}, in client id order, from every gateway's [[id, packed], ...].
+
+        Callers who shared one request (``GatewayLink.query`` shares identical
+        ones) got the same answer objects: the first decodes and sorts them,
+        the others only copy.
+        """
+        last = self._last_sessions
+        if (
+            last is not None
+            and len(last[0]) == len(answers)
+            and all(a is b for a, b in zip(last[0], answers, strict=True))
+        ):
+            shared = last[1]
+        else:
+            pairs = concat(answers)
+            pairs.sort(key=_first)
+            shared = self._decode.shared_pairs(pairs)
+            self._last_sessions = (answers, shared)
+        return {cid: session.copy() for cid, session in shared.items()}
 
     def group_by_link(self, client_ids: list[int]) -> dict[GatewayLink, list[int]]:
         grouped: dict[GatewayLink, list[int]] = {}
@@ -245,3 +309,12 @@ class GatewayLinks:
             self._ticker.cancel()
         for gid in list(self.links):
             self._unlink(gid)
+
+
+def concat(answers: list[Any]) -> list[Any]:
+    """Every gateway's list answer as one list (a missing answer adds nothing)."""
+    return [item for answer in answers if answer for item in answer]
+
+
+def _first(pair: list[Any]) -> Any:
+    return pair[0]

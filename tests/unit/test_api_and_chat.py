@@ -62,14 +62,16 @@ def test_request_helpers() -> None:
 
 
 def test_callers_sharing_an_answer_of_sessions_get_their_own_copies() -> None:
+    from businessworker.links import GatewayLinks
     from gateway import protocol as p
 
+    links = GatewayLinks(None, "w", dict, None)  # type: ignore[arg-type]  # no link is made
     answer = [[2, p.pack_session({"name": "b"})], [1, p.pack_session({"name": "a"})]]
-    first = api._sessions([answer, None])
-    second = api._sessions([answer, None])  # the same answer object: decoded once
+    first = links.sessions([answer, None])
+    second = links.sessions([answer, None])  # the same answer object: decoded once
     assert list(first) == [1, 2] and first == second
     first[1]["name"] = "changed by the app"
-    assert second[1] == {"name": "a"} and api._sessions([answer, None])[1] == {"name": "a"}
+    assert second[1] == {"name": "a"} and links.sessions([answer, None])[1] == {"name": "a"}
     fresh = [[3, p.pack_session({"name": "c"})]]  # another answer: decoded afresh
-    assert api._sessions([fresh]) == {3: {"name": "c"}}
-    assert api._sessions([[[3, p.EMPTY_SESSION]]]) == {3: {}}
+    assert links.sessions([fresh]) == {3: {"name": "c"}}
+    assert links.sessions([[[3, p.EMPTY_SESSION]]]) == {3: {}}
