@@ -335,12 +335,17 @@ class Harness:
 
     # Facts
 
-    def _conn(self, client: TestClient | int) -> Any:
+    def _where(self, client: TestClient | int) -> tuple[Gateway | None, int]:
+        """The gateway that holds a client (None if none does), and its id."""
         client_id = client if isinstance(client, int) else client.id
         for gateway in self.gateways:
-            if gateway is not None and client_id in gateway.clients.clients:
-                return gateway.clients.clients[client_id]
-        return None
+            if gateway is not None and gateway.clients.get(client_id) is not None:
+                return gateway, client_id
+        return None, client_id
+
+    def _conn(self, client: TestClient | int) -> Any:
+        gateway, client_id = self._where(client)
+        return None if gateway is None else gateway.clients.get(client_id)
 
     def session(self, client: TestClient | int) -> dict[str, Any] | None:
         """A client's session as its gateway holds it, or None."""
@@ -349,12 +354,12 @@ class Harness:
 
     def groups(self, client: TestClient | int) -> list[str]:
         """The groups a client is in, sorted."""
-        conn = self._conn(client)
-        return sorted(conn.groups or ()) if conn is not None else []
+        gateway, client_id = self._where(client)
+        return [] if gateway is None else gateway.clients.groups_of(client_id)
 
     def uid(self, client: TestClient | int) -> str | None:
-        conn = self._conn(client)
-        return None if conn is None else conn.uid
+        gateway, client_id = self._where(client)
+        return None if gateway is None else gateway.clients.uid_of(client_id)
 
     def members(self, group: str) -> list[int]:
         """Client ids of a group on every gateway, sorted (away members included)."""

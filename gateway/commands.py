@@ -81,12 +81,10 @@ class Commands:
         self._queries: dict[str, Callable[..., Any]] = {
             p.Q_IS_ONLINE: lambda cid: cid in self.clients.clients,
             p.Q_SESSION: self._q_session,
-            p.Q_UID: lambda cid: getattr(self.clients.get(cid), "uid", None),
+            p.Q_UID: self.clients.uid_of,
             p.Q_UID_CLIENTS: lambda uid: list(self.clients.of_uid(uid)),
             p.Q_GROUP_CLIENTS: lambda g: list(self.clients.members(g)),
-            p.Q_GROUP_UIDS: lambda g: list(
-                {c.uid for c in self.clients.members(g).values() if c.uid is not None}
-            ),
+            p.Q_GROUP_UIDS: self.clients.uids_in,
             p.Q_GROUP_COUNT: lambda g: len(self.clients.members(g)),
             p.Q_GROUPS: lambda: list(self.clients.groups),
             p.Q_COUNT: lambda: len(self.clients),

@@ -5,8 +5,9 @@ thousands of mostly idle connections and writes the same pre-built frame to
 many of them. The opening handshake is ours (``gateway.handshake``, about 6x
 cheaper than the library's); after it a ``websockets`` protocol object, created
 already open, parses the frames, answers pings and runs the closing handshake
-(RFC 6455), while this module keeps per-connection state in slots, starts no task per connection and
-writes outgoing frames straight to the socket (``ClientConnection.flush_all``).
+(RFC 6455), while this module keeps per-connection state in slots and starts
+no task per connection; outgoing frames are queued here and written straight
+to the socket by ``gateway.outbox``.
 Measured here: about 5 KiB per idle connection, against 14 KiB or more for the
 full libraries.
 
@@ -40,21 +41,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import struct
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from gateway.handshake import HandshakeParser, Refused, refuse
+from gateway.outbox import Outbox, write_all
 from gateway.protocol import session_entry
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway
+    from gateway.workers import Route
 
 log = logging.getLogger("gateway.connection")
 
@@ -65,7 +65,6 @@ CONT = Opcode.CONT
 CLOSE_TIMEOUT = 5.0
 """Seconds a client gets to answer our close frame before the TCP connection is cut."""
 LINGER_RESET = struct.pack("ii", 1, 0)
-_write = os.write
 HOLD_LIMIT = 50_000
 """Frames a held client may collect before they are let through anyway. Large:
 letting them through before the snapshot breaks the snapshot's promise (in a
@@ -89,38 +88,59 @@ def text_frame(data: str | bytes, *, binary: bool = False) -> bytes:
     return Frame(BINARY if binary else TEXT, payload).serialize(mask=False)
 
 
+class ConnectionOwner(Protocol):
+    """What a connection may ask of the gateway that holds it (``gateway.server``)."""
+
+    max_message_size: int
+    """bytes of one message, across its fragments (over it: close 1009)"""
+    max_fragments: int
+    """frames of one message (over it: close 1009)"""
+    outbox: Outbox
+    """where the connection says it has frames queued for this loop turn"""
+
+    def opened(self, conn: ClientConnection, path: str, headers: list[tuple[str, str]]) -> None:
+        """The opening handshake succeeded: give the client its id, tell a worker."""
+
+    def received(self, conn: ClientConnection, message: str | bytes) -> None:
+        """A whole message arrived (text already checked as UTF-8)."""
+
+    def closed(self, conn: ClientConnection) -> None:
+        """The connection is gone (only called once it was given an id)."""
+
+    def cut_off(self, conn: ClientConnection) -> None:
+        """The client was cut off as too slow (counted, once per connection)."""
+
+
 class ClientConnection(asyncio.Protocol):
-    """A client socket; reports opened / message / closed to its gateway."""
+    """A client socket; reports opened / message / closed to its owner."""
 
     __slots__ = (
         "_close_timer",
         "_entry",
-        "_fd",
         "_fragments",
         "_fragments_text",
         "_handshake",
         "_handshake_timer",
         "_hold_timer",
-        "_open",
-        "_out",
         "_unread",
         "client_id",
-        "gateway",
-        "groups",
+        "fd",
         "hold",
         "kept",
-        "pending",
-        "queued",
+        "out",
+        "outbox",
+        "owner",
+        "route",
         "session",
         "session_version",
         "transport",
-        "uid",
-        "worker",
+        "writable",
         "ws",
     )
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, owner: ConnectionOwner) -> None:
+        self.owner = owner
+        self.outbox = owner.outbox
         self.ws: ServerProtocol | None = None
         """the frame protocol, from the end of the opening handshake on"""
         self._handshake: HandshakeParser | None = HandshakeParser()
@@ -137,15 +157,8 @@ class ClientConnection(asyncio.Protocol):
         self.session = b"\x80"
         self.session_version = 0
         self._entry: bytes | None = None
-        self.worker: bytes | None = None
-        """routing id of the worker this client's events go to"""
-        self.pending = 0
-        """events sent to a worker and not yet acknowledged"""
-        self.queued = 0
-        """events waiting for a worker or parked (``gateway.workers``); with
-        ``pending``, what the flood limit counts"""
-        self.groups: set[str] | None = None
-        self.uid: str | None = None
+        self.route: Route | None = None
+        """where its events go: ``gateway.workers``' record, written there only"""
         self.kept: tuple[str, float] | None = None
         """(secret, grace) of a member the app keeps through a disconnect (gateway.presence)"""
         self.hold: list[bytes] | None = None
@@ -155,11 +168,12 @@ class ClientConnection(asyncio.Protocol):
         neither ends a later hold early nor keeps a closed connection alive"""
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
-        self._out: bytes | list[bytes] | None = None
-        """what this loop turn queued: one frame, or a list of several (``flush_all``)"""
-        self._open = False
+        self.out: bytes | list[bytes] | None = None
+        """what this loop turn queued: one frame, or a list of several (written,
+        and emptied, by ``gateway.outbox``)"""
+        self.writable = False
         """``ws.state is OPEN``, kept in a slot: the property costs a call per delivery"""
-        self._fd = -1
+        self.fd = -1
         """the socket's descriptor while queued frames may bypass the transport, else -1"""
         self._unread: bytes | None = None
         """None while reading; while paused (a flood), the bytes of the last read
@@ -170,7 +184,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         # pause_writing / resume_writing then say exactly when the transport holds
-        # unsent bytes, which ``flush_all`` must not overtake.
+        # unsent bytes, which the outbox's direct writes must not overtake.
         transport.set_write_buffer_limits(high=0, low=0)
         self._handshake_timer = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT, self._handshake_timed_out
@@ -207,16 +221,16 @@ class ClientConnection(asyncio.Protocol):
         if self.hold is not None:
             self._end_hold()
         if self.client_id:
-            self.gateway.closed(self)
+            self.owner.closed(self)
 
     def pause_writing(self) -> None:
         """The transport holds unsent bytes: queued frames go through it, behind them."""
-        self._fd = -1
+        self.fd = -1
 
     def resume_writing(self) -> None:
         """The transport has sent everything: frames may go straight to the socket again."""
-        if self._open:
-            self._fd = self._direct_fd()
+        if self.writable:
+            self.fd = self._direct_fd()
 
     # Session
 
@@ -249,67 +263,23 @@ class ClientConnection(asyncio.Protocol):
         for the first frame of a turn.
         """
         if self.hold is None:
-            if self._open:
-                out = self._out
+            if self.writable:
+                out = self.out
                 if out is None:
-                    self._out = frame
-                    self.gateway.flush_later(self)
+                    self.out = frame
+                    self.outbox.later(self)
                 elif out.__class__ is list:
                     out.append(frame)
                 else:
-                    self._out = [out, frame]
+                    self.out = [out, frame]
         else:
             self.hold.append(frame)
             if len(self.hold) > HOLD_LIMIT:
                 self._release_hold()
 
     def flush_out(self) -> None:
-        """Write what this loop turn queued now, ahead of the gateway's ``flush_all``."""
-        self.flush_all((self,), self.gateway.max_send_buffer)
-
-    @staticmethod
-    def flush_all(conns: Iterable[ClientConnection], max_send_buffer: int) -> None:
-        """Write each connection's queued frames in one write; cut off the too slow.
-
-        The fan-out's hot loop, once per recipient, so it is inlined here rather than
-        a method per connection. While the transport holds nothing unsent (``_fd``
-        set, see ``pause_writing``) the bytes go straight to the socket with
-        ``os.write``, bypassing uvloop: measured on this machine (uvloop 0.23,
-        163-byte frames to 1,000 loopback sockets) ``transport.write`` costs 0.4-0.6
-        us more user CPU per call than ``os.write`` on its descriptor (0.8-1.0
-        against 0.3-0.45 us), for a system call of 6-8 us; with the rest of the old
-        path (``write``, ``flush_out``) a delivery took 2.3 us of user CPU, now 0.65.
-        Whatever the kernel does not take goes to the transport, which sends it
-        later and keeps the order (from then on everything goes through it until it
-        is empty again); after an error the transport's own write fails the same way
-        and closes the connection as it always did.
-        """
-        for conn in conns:
-            out = conn._out
-            if out is None:
-                continue  # flushed already (``close``)
-            conn._out = None
-            try:
-                if out.__class__ is list:
-                    out = b"".join(out)
-                fd = conn._fd
-                if fd >= 0:
-                    try:
-                        sent = _write(fd, out)
-                    except OSError:  # EAGAIN; or EPIPE, ECONNRESET...: the transport's write
-                        sent = 0  # meets it again and closes the connection as usual
-                    if sent == len(out):
-                        continue
-                    if sent:
-                        out = out[sent:]
-                elif not conn._open or conn.transport.is_closing():
-                    continue
-                transport = conn.transport
-                transport.write(out)
-                if transport.get_write_buffer_size() > max_send_buffer:
-                    conn._too_slow()
-            except Exception:  # one broken socket must not cost the others their frames
-                log.exception("write failed client=%d", conn.client_id)
+        """Write what this loop turn queued now, ahead of the outbox."""
+        write_all((self,), self.outbox.max_send_buffer)
 
     def write_direct(self, frame: bytes) -> None:
         """Write a frame addressed to this client by id; releases held frames after it."""
@@ -365,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if ws.state is OPEN:
             self.flush_out()  # a last message goes before the close frame
-            if ws.state is not OPEN:  # that last message cut it off (``_too_slow``)
+            if ws.state is not OPEN:  # that last message cut it off (``cut_off``)
                 return
             ws.send_close(code, reason)
             self._closing()
@@ -446,10 +416,10 @@ class ClientConnection(asyncio.Protocol):
         if transport.get_write_buffer_size():
             self._abort_later()
 
-    def _too_slow(self) -> None:
+    def cut_off(self) -> None:
         """Cut off a client whose transport holds over ``max_send_buffer`` unsent bytes.
 
-        Called for app frames (``flush_all``) and the protocol's own (``_flush``),
+        Called for app frames (``gateway.outbox``) and the protocol's own (``_flush``),
         once per connection: from then on the transport is closing, which both
         callers check. 1008, a WARNING line, and a reset after CLOSE_TIMEOUT, since
         the close frame waits behind what the client does not read.
@@ -459,7 +429,7 @@ class ClientConnection(asyncio.Protocol):
             self.client_id,
             self.transport.get_write_buffer_size(),
         )
-        self.gateway.stats_slow_closed += 1
+        self.owner.cut_off(self)
         self._fail(1008, "send buffer full")
         self._flush()
         self._abort_later()
@@ -478,7 +448,7 @@ class ClientConnection(asyncio.Protocol):
         """Write what the protocol itself has to send: pongs, close frames, the end.
 
         These count against ``max_send_buffer`` like app frames: a client that
-        pings and never reads is cut off (``_too_slow``) instead of growing the
+        pings and never reads is cut off (``cut_off``) instead of growing the
         transport's buffer pong by pong. One write for all of them.
         """
         ws = self.ws
@@ -498,24 +468,24 @@ class ClientConnection(asyncio.Protocol):
             transport.write(data)
         if eof:
             self._end_transport()
-        elif transport.get_write_buffer_size() > self.gateway.max_send_buffer:
-            self._too_slow()
+        elif transport.get_write_buffer_size() > self.outbox.max_send_buffer:
+            self.cut_off()
 
     def _now_open(self) -> None:
         """Call once the opening handshake is done (``ws.state`` is OPEN)."""
-        self._open = self.ws.state is OPEN
-        if self._open:
-            self._fd = self._direct_fd()
+        self.writable = self.ws.state is OPEN
+        if self.writable:
+            self.fd = self._direct_fd()
 
     def _closing(self) -> None:
         """Stop queueing and direct writes: called wherever ``ws.state`` can leave OPEN.
 
-        Also the guarantee that ``_fd`` is never used once the loop has closed the
+        Also the guarantee that ``fd`` is never used once the loop has closed the
         descriptor (it does so only after ``connection_lost``), when the number may
         already belong to another connection.
         """
-        self._open = False
-        self._fd = -1
+        self.writable = False
+        self.fd = -1
 
     def _direct_fd(self) -> int:
         """The socket's descriptor if frames may be written to it directly, else -1.
@@ -560,9 +530,9 @@ class ClientConnection(asyncio.Protocol):
             log.info("handshake refused status=%d reason=%s", outcome.status, outcome.reason)
             self._end_transport()
             return b""
-        self.ws = ServerProtocol(state=OPEN, max_size=self.gateway.max_message_size)
+        self.ws = ServerProtocol(state=OPEN, max_size=self.owner.max_message_size)
         self._now_open()
-        self.gateway.opened(self, outcome.path, outcome.headers)
+        self.owner.opened(self, outcome.path, outcome.headers)
         return outcome.leftover
 
     def _receive(self, data: bytes) -> None:
@@ -584,7 +554,7 @@ class ClientConnection(asyncio.Protocol):
         """Feed bytes to the frame parser; hand on the messages; write its answers."""
         ws = self.ws
         ws.receive_data(data)
-        if self._open and ws.state is not OPEN:
+        if self.writable and ws.state is not OPEN:
             self._closing()
         # Frames before a close or a bad frame in these bytes still count (the
         # parser stops there); once we fail the connection, those after it do not.
@@ -604,7 +574,7 @@ class ClientConnection(asyncio.Protocol):
         elif opcode is CONT:
             fragments = self._fragments
             fragments.append(frame.data)
-            if len(fragments) > self.gateway.max_fragments:
+            if len(fragments) > self.owner.max_fragments:
                 # Empty fragments never reach the byte cap, and each costs a list
                 # slot and a Frame: the count has a cap of its own.
                 log.info(
@@ -612,7 +582,7 @@ class ClientConnection(asyncio.Protocol):
                     self.client_id,
                     len(fragments),
                 )
-                self._fail(1009, f"message over {self.gateway.max_fragments} fragments")
+                self._fail(1009, f"message over {self.owner.max_fragments} fragments")
                 return True
             if frame.fin:
                 self._fragments = None
@@ -630,5 +600,5 @@ class ClientConnection(asyncio.Protocol):
                 return True
         else:
             message = bytes(data)
-        self.gateway.received(self, message)
+        self.owner.received(self, message)
         return False

@@ -101,7 +101,7 @@ class Presence:
         conn.client_id = int(client_id)
         conn.session = packed
         conn.session_version = int(version)
-        conn.worker = worker_id
+        self.pool.bind(conn, worker_id)
         self.clients.add(conn)
         for group in groups or ():
             self.clients.join(conn, str(group))
@@ -119,7 +119,13 @@ class Presence:
         conn = self.clients.get(client_id)
         if conn is None or conn.kept is None or conn.kept[0] != secret:
             return None
-        answer = [conn.session_version, conn.session, sorted(conn.groups or ()), conn.uid]
+        table = self.clients
+        answer = [
+            conn.session_version,
+            conn.session,
+            table.groups_of(client_id),
+            table.uid_of(client_id),
+        ]
         timer = self._timers.pop(client_id, None)
         if timer is not None:
             timer.cancel()

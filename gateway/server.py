@@ -27,6 +27,7 @@ from gateway.clients import ClientTable
 from gateway.commands import Commands
 from gateway.connection import ClientConnection
 from gateway.ids import IdAllocator, fresh_prefix
+from gateway.outbox import Outbox
 from gateway.presence import Presence
 from gateway.streams import StreamLink
 from gateway.workers import WorkerPool
@@ -90,19 +91,17 @@ class Gateway(Lifecycle):
         self.config = config
         self.max_message_size = config.max_message_size
         self.max_fragments = config.max_fragments
-        self.max_send_buffer = config.max_send_buffer
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.id = os.urandom(6).hex()
         self.started = time.time()
         self.ids = IdAllocator(fresh_prefix())
         self.clients = ClientTable()
         self.stats_slow_closed = 0
-        self._outbox: list[ClientConnection] = []
-        self._flush_scheduled = False
+        self.outbox = Outbox(config.max_send_buffer)
         self._accepted = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
 
-    # Client side, called by ClientConnection
+    # Client side: the ConnectionOwner of every ClientConnection
 
     def opened(self, conn: ClientConnection, path: str, headers: list[tuple[str, str]]) -> None:
         conn.client_id = self.ids.next()
@@ -123,17 +122,8 @@ class Gateway(Lifecycle):
         self.clients.remove(conn)
         self.pool.event(conn, protocol.EVENT_CLOSE)
 
-    def flush_later(self, conn: ClientConnection) -> None:
-        """Write ``conn``'s queued frames at the end of this loop turn."""
-        self._outbox.append(conn)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_outbox)
-
-    def _flush_outbox(self) -> None:
-        self._flush_scheduled = False
-        outbox, self._outbox = self._outbox, []
-        ClientConnection.flush_all(outbox, self.max_send_buffer)
+    def cut_off(self, conn: ClientConnection) -> None:
+        self.stats_slow_closed += 1
 
     # Lifecycle
 

@@ -307,7 +307,7 @@ class StreamLink:
 
     def forget(self, conn: ClientConnection) -> None:
         """A client is going: it gets no more positions."""
-        for group in list(conn.groups or ()):
+        for group in self.clients.groups_of(conn.client_id):
             self.leave(conn, group)
 
     def leave(self, conn: ClientConnection, group: str) -> None:

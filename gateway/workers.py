@@ -15,8 +15,8 @@ Rules, in the order they are applied to each client event:
    it is parked (its new events wait) until its last event there is acked, so
    a rolling restart keeps each client's events in order.
 4. Floods: a client with ``flood_limit`` (100) events not yet acknowledged,
-   whether sent to a worker (``conn.pending``), waiting for one or parked
-   (``conn.queued``), is not read from (TCP backpressure) until half of them
+   whether sent to a worker (``Route.pending``), waiting for one or parked
+   (``Route.queued``), is not read from (TCP backpressure) until half of them
    are; nothing is dropped. So one client cannot fill the waiting queue while
    no worker is linked.
 5. Every client has a live worker that knows it: when a worker dies, its idle
@@ -58,6 +58,24 @@ _PING = protocol.pack([protocol.PING])
 _FENCED = protocol.pack([protocol.FENCED])
 
 Item = tuple[int, int, Any]
+
+
+class Route:
+    """Where one client's events go: this module's record on the connection
+    (``ClientConnection.route``), written here only."""
+
+    __slots__ = ("pending", "queued", "worker")
+
+    def __init__(self, worker: bytes | None = None) -> None:
+        self.worker = worker
+        """routing id of the worker this client's events go to"""
+        self.pending = 0
+        """events sent to it and not yet acknowledged"""
+        self.queued = 0
+        """events waiting for a worker or parked; with ``pending``, what the flood
+        limit counts"""
+
+
 """(seq, opcode, payload) of a client event; packed with the current session when sent."""
 
 
@@ -140,7 +158,19 @@ class WorkerPool:
         self._seq += 1
         self._route(conn, (self._seq, opcode, payload))
 
+    def bind(self, conn: ClientConnection, worker_id: bytes) -> None:
+        """Bind a client to a worker before its first event (a parked member: that
+        worker knows it already)."""
+        route = conn.route
+        if route is None:
+            conn.route = Route(worker_id)
+        else:
+            route.worker = worker_id
+
     def _route(self, conn: ClientConnection, item: Item) -> None:
+        route = conn.route
+        if route is None:
+            route = conn.route = Route()
         if self.waiting:
             self._wait(conn, item)
             return
@@ -149,9 +179,9 @@ class WorkerPool:
             parked[1].append(item)
             self._held(conn)
             return
-        worker = self.workers.get(conn.worker) if conn.worker is not None else None
+        worker = self.workers.get(route.worker) if route.worker is not None else None
         if worker is None or worker.draining:
-            if worker is not None and conn.pending > 0:
+            if worker is not None and route.pending > 0:
                 self.parked[conn.client_id] = (conn, [item])
                 self._held(conn)
                 return
@@ -159,7 +189,7 @@ class WorkerPool:
             if worker is None:
                 self._wait(conn, item)
                 return
-            conn.worker = worker.id
+            route.worker = worker.id
         self._send(worker, conn, item)
 
     def _choose(self) -> WorkerLink | None:
@@ -174,8 +204,9 @@ class WorkerPool:
         if opcode != protocol.EVENT_CLOSE or payload is not None:
             message.append(payload)
         worker.unacked[seq] = (conn, item)
-        conn.pending += 1
-        if conn.pending + conn.queued == self.flood_limit:
+        route = conn.route
+        route.pending += 1
+        if route.pending + route.queued == self.flood_limit:
             conn.pause()
         self.post(worker.id, protocol.pack(message))
 
@@ -236,8 +267,9 @@ class WorkerPool:
 
     def _held(self, conn: ClientConnection) -> None:
         """One more of ``conn``'s events waits or is parked: it counts for the flood limit."""
-        conn.queued += 1
-        if conn.pending + conn.queued == self.flood_limit:
+        route = conn.route
+        route.queued += 1
+        if route.pending + route.queued == self.flood_limit:
             conn.pause()
 
     def _release_waiting(self) -> None:
@@ -245,7 +277,7 @@ class WorkerPool:
         if waiting:
             log.info("worker available, releasing queued events count=%d", len(waiting))
         for conn, item in waiting:
-            conn.queued -= 1
+            conn.route.queued -= 1
             self._route(conn, item)
 
     # Messages from workers
@@ -291,16 +323,17 @@ class WorkerPool:
                 continue
             self.effects.pop(seq, None)
             conn = entry[0]
-            conn.pending -= 1
-            if conn.pending + conn.queued == resume_at:
+            route = conn.route
+            route.pending -= 1
+            if route.pending + route.queued == resume_at:
                 conn.resume()
-            if conn.pending == 0 and conn.client_id in self.parked:
+            if route.pending == 0 and conn.client_id in self.parked:
                 self._unpark(conn.client_id)
 
     def _unpark(self, client_id: int) -> None:
         conn, items = self.parked.pop(client_id)
         for item in items:
-            conn.queued -= 1
+            conn.route.queued -= 1
             self._route(conn, item)
 
     # Liveness
@@ -326,17 +359,17 @@ class WorkerPool:
             len(replay),
         )
         for conn, _ in replay:
-            conn.pending -= 1
-        orphans = [cid for cid, (conn, _) in self.parked.items() if conn.worker == worker_id]
+            conn.route.pending -= 1
+        orphans = [cid for cid, (conn, _) in self.parked.items() if conn.route.worker == worker_id]
         parked = [self.parked.pop(cid) for cid in orphans]
         for conn, _ in replay:
-            conn.worker = None
+            conn.route.worker = None
         for conn, item in replay:
             self._route(conn, item)
         for conn, items in parked:
-            conn.worker = None
+            conn.route.worker = None
             for item in items:
-                conn.queued -= 1
+                conn.route.queued -= 1
                 self._route(conn, item)
         self._adopt_orphans()
 
@@ -346,9 +379,10 @@ class WorkerPool:
             return
         adopted: dict[bytes, list[list[Any]]] = {}
         for conn in self.clients:
-            if conn.worker is None or conn.worker not in self.workers:
+            route = conn.route
+            if route is None or route.worker not in self.workers:
                 worker = self._choose()
-                conn.worker = worker.id
+                self.bind(conn, worker.id)
                 entry = [conn.client_id, conn.session_version, conn.session]
                 adopted.setdefault(worker.id, []).append(entry)
         for worker_id, entries in adopted.items():

@@ -75,7 +75,7 @@ async def open_watched(gw: Any, **bufs: int) -> tuple[Watched, socket.socket]:
     response = b""
     while b"\r\n\r\n" not in response:
         response += await loop.sock_recv(client, 4096)
-    assert response.startswith(b"HTTP/1.1 101") and conn._open
+    assert response.startswith(b"HTTP/1.1 101") and conn.writable
     return conn, client
 
 
@@ -376,7 +376,7 @@ class PoolGateway(FakeGateway):
 
     def _event(self, conn: ClientConnection, opcode: int, payload: Any = None) -> None:
         self.pool.event(conn, opcode, payload)
-        self.most = max(self.most, conn.pending + conn.queued)
+        self.most = max(self.most, conn.route.pending + conn.route.queued)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -406,9 +406,9 @@ def test_a_clients_waiting_events_are_bounded_while_no_worker_is_linked(loop: st
         assert conn._unread is not None
         # The slice that reached the limit was parsed to its end, no further.
         bound = pool.flood_limit + READ_SLICE // len(client_frame(Opcode.TEXT, b"0")) + 1
-        assert len(pool.waiting) == conn.queued <= bound
+        assert len(pool.waiting) == conn.route.queued <= bound
         await turn()
-        assert len(pool.waiting) == conn.queued <= bound and conn.open
+        assert len(pool.waiting) == conn.route.queued <= bound and conn.open
 
         pool.hello(b"w1", {})
         says: list[str] = []
@@ -424,7 +424,7 @@ def test_a_clients_waiting_events_are_bounded_while_no_worker_is_linked(loop: st
         assert says == [str(i) for i in range(count)]
         assert gw.most <= bound and pool.refused == 0
         await asyncio.wait_for(sender, 5)
-        assert conn._unread is None and conn.pending == conn.queued == 0
+        assert conn._unread is None and conn.route.pending == conn.route.queued == 0
         client.close()
         await asyncio.wait_for(conn.lost.wait(), 5)
 

@@ -18,8 +18,9 @@ import pytest
 import uvloop
 
 import gateway.connection as connection
+import gateway.outbox as outbox
 from gateway.connection import ClientConnection, text_frame
-from gateway.server import Gateway
+from gateway.outbox import Outbox
 
 LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
 
@@ -30,18 +31,14 @@ UPGRADE = (
 
 
 class FakeGateway:
-    """What a connection needs of its gateway; the outbox is the real Gateway's code."""
+    """A ``ConnectionOwner`` as small as can be; the outbox is the real one."""
 
     max_message_size = 1 << 20
     max_fragments = 1024
-    flush_later = Gateway.flush_later
-    _flush_outbox = Gateway._flush_outbox
 
     def __init__(self, max_send_buffer: int = 1 << 20) -> None:
-        self.max_send_buffer = max_send_buffer
+        self.outbox = Outbox(max_send_buffer)
         self.stats_slow_closed = 0
-        self._outbox: list[ClientConnection] = []
-        self._flush_scheduled = False
         self.closed_conns: list[ClientConnection] = []
 
     def opened(self, conn: ClientConnection, path: str, headers: Any) -> None:
@@ -52,6 +49,9 @@ class FakeGateway:
 
     def closed(self, conn: ClientConnection) -> None:
         self.closed_conns.append(conn)
+
+    def cut_off(self, conn: ClientConnection) -> None:
+        self.stats_slow_closed += 1
 
 
 def run(loop: str, test: Callable[[], Awaitable[None]]) -> None:
@@ -87,7 +87,7 @@ async def open_pair(
     while b"\r\n\r\n" not in response:
         response += await loop.sock_recv(client, 4096)
     assert response.startswith(b"HTTP/1.1 101")
-    assert conn._open
+    assert conn.writable
     return conn, client
 
 
@@ -104,14 +104,14 @@ async def read_exactly(client: socket.socket, size: int) -> bytes:
 def counting_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the size of every direct write."""
     sizes: list[int] = []
-    real = connection._write
+    real = outbox._write
 
     def write(fd: int, data: bytes) -> int:
         sent = real(fd, data)
         sizes.append(sent)
         return sent
 
-    monkeypatch.setattr(connection, "_write", write)
+    monkeypatch.setattr(outbox, "_write", write)
     return sizes
 
 
@@ -124,11 +124,11 @@ def test_frames_of_one_turn_leave_in_one_write(loop: str, monkeypatch: pytest.Mo
     async def test() -> None:
         gw = FakeGateway()
         conn, client = await open_pair(gw)
-        assert conn._fd >= 0
+        assert conn.fd >= 0
         writes = counting_writes(monkeypatch)
         frames = [text_frame(f"m{i}") for i in range(3)]
         conn.write(frames[0])
-        assert conn._out == frames[0]  # one frame is kept as is, not in a list
+        assert conn.out == frames[0]  # one frame is kept as is, not in a list
         conn.write(frames[1])
         conn.write(frames[2])
         await turn()
@@ -149,7 +149,7 @@ def test_held_frames_follow_the_direct_one(loop: str) -> None:
         for f in group:
             conn.write(f)
         await turn()
-        assert conn._out is None
+        assert conn.out is None
         snapshot = text_frame("snapshot")
         conn.write_direct(snapshot)
         await turn()
@@ -187,7 +187,7 @@ def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
         conn, client = await open_pair(gw, sndbuf=4096, rcvbuf=4096)
         writes = counting_writes(monkeypatch)
         sent = 0
-        while conn._fd >= 0:  # until the kernel takes no more: the transport holds the rest
+        while conn.fd >= 0:  # until the kernel takes no more: the transport holds the rest
             conn.write(numbered(sent))
             sent += 1
             await turn(1)
@@ -204,10 +204,10 @@ def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
             b"%06d" % i for i in range(sent)
         ]
         for _ in range(100):  # drained: resume_writing gives the descriptor back
-            if conn._fd >= 0:
+            if conn.fd >= 0:
                 break
             await asyncio.sleep(0.01)
-        assert conn._fd >= 0
+        assert conn.fd >= 0
         conn.write(numbered(sent))
         await turn()
         assert len(writes) == direct + 1
@@ -231,9 +231,9 @@ def test_a_slow_consumer_is_cut_off(loop: str, monkeypatch: pytest.MonkeyPatch) 
             if gw.stats_slow_closed:
                 break
         assert gw.stats_slow_closed == 1
-        assert not conn._open and conn._fd == -1 and not conn.open
+        assert not conn.writable and conn.fd == -1 and not conn.open
         conn.write(frame)
-        assert conn._out is None  # nothing is queued once closing
+        assert conn.out is None  # nothing is queued once closing
         for _ in range(100):  # the abort after CLOSE_TIMEOUT
             if gw.closed_conns:
                 break
@@ -256,7 +256,7 @@ def test_close_flushes_first_and_then_writes_nothing(loop: str) -> None:
         conn.write(last)
         conn.close(1000, "bye")
         conn.write(text_frame("too late"))
-        assert conn._out is None
+        assert conn.out is None
         await turn()
         got = await read_exactly(client, len(last) + 2)
         assert got[: len(last)] == last
@@ -269,7 +269,7 @@ def test_close_flushes_first_and_then_writes_nothing(loop: str) -> None:
                 break
             await asyncio.sleep(0.01)
         assert gw.closed_conns == [conn]
-        assert conn._fd == -1
+        assert conn.fd == -1
 
     run(loop, test)
 
@@ -289,7 +289,7 @@ def test_a_peer_reset_closes_the_connection_quietly(
             if gw.closed_conns:
                 break
         assert gw.closed_conns == [conn]
-        assert conn._fd == -1
+        assert conn.fd == -1
 
     run(loop, test)
     assert "write failed" not in caplog.text
@@ -327,7 +327,7 @@ def test_tls_frames_always_go_through_the_transport() -> None:
             transport = TlsTransport(sock)
             conn.connection_made(transport)
             conn.data_received(UPGRADE)
-            assert conn._open and conn._fd == -1
+            assert conn.writable and conn.fd == -1
             conn.write(text_frame("secret"))
             await turn()
             assert transport.written[-1] == text_frame("secret")

@@ -44,12 +44,21 @@ class Conn:
         self.client_id = client_id
         self.session = p.EMPTY_SESSION
         self.session_version = 0
-        self.worker: bytes | None = None
-        self.pending = self.queued = 0
-        self.groups: set[str] | None = None
-        self.uid: str | None = None
+        self.route: Any = None  # the pool's own record (gateway.workers.Route)
         self.frames: list[bytes] = []
         self.open = True
+
+    @property
+    def worker(self) -> bytes | None:
+        return None if self.route is None else self.route.worker
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.route is None else self.route.pending
+
+    @property
+    def queued(self) -> int:
+        return 0 if self.route is None else self.route.queued
 
     def write(self, frame: bytes) -> None:
         self.frames.append(frame)
@@ -143,7 +152,7 @@ def test_a_replayed_event_carries_out_only_what_the_first_run_did_not() -> None:
         [p.ACK, [seq]],
     )
     assert [f[2:] for f in a.frames] == [b"one", b"two"]  # once each
-    assert a.groups == {"room"}
+    assert gw.clients.groups_of(a.client_id) == ["room"]
     assert [m[1:] for m in gw.sock.to(b"w.2", p.REPLY)] == [[77, True]]
     assert seq not in gw.pool.effects  # forgotten with the acknowledgement
 

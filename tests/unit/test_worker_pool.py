@@ -36,12 +36,22 @@ class FakeConn:
         self.client_id = client_id
         self.session = p.EMPTY_SESSION
         self.session_version = 0
-        self.worker: bytes | None = None
-        self.pending = 0
-        self.queued = 0
+        self.route: Any = None  # the pool's own record (gateway.workers.Route)
         self.open = True
         self.paused = False
         self.closed_with: int | None = None
+
+    @property
+    def worker(self) -> bytes | None:
+        return None if self.route is None else self.route.worker
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.route is None else self.route.pending
+
+    @property
+    def queued(self) -> int:
+        return 0 if self.route is None else self.route.queued
 
     def pause(self) -> None:
         self.paused = True
