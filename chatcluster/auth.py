@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -39,6 +40,9 @@ HANDSHAKE_EVENTS = (
 )
 MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 CRYPTOGRAPHIC = 0x11000001  # ZMQ_PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC
+
+PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
+"""Seconds after a dropped link at which a bound socket's peers are probed."""
 
 _throttle = Throttle()
 
@@ -161,3 +165,42 @@ class ClientWatch:
         if not self.sock.closed:
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
+
+
+class BoundGuard:
+    """A bound ROUTER socket's guard: the cluster key (CURVE server and the ZAP
+    handler) and the socket monitor, which logs refused peers and tells
+    ``watch``'s caller when a link dropped.
+
+    Make it before binding; ``close`` closes the socket with it.
+    """
+
+    def __init__(self, ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket, keys: Keys | None):
+        self.sock = sock
+        self.authenticator = start(ctx, keys)
+        if keys is not None:
+            keys.server(sock)
+        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
+
+    async def watch(self, probe: Callable[[], None]) -> None:
+        """Log refused peers; when a link drops, run ``probe`` a few times.
+
+        The monitor can report the drop before the ROUTER socket has let go of
+        the peer, and until it has, a send to it still succeeds: so the probe
+        (a send to every peer, which fails at once for a dropped one under
+        ROUTER_MANDATORY) is repeated for a moment.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            if not report_server_event(event):
+                for delay in PROBE_DELAYS:
+                    loop.call_later(delay, probe)
+
+    def close(self, linger: int = 0) -> None:
+        """Close the monitor, the socket (after ``linger`` ms) and the ZAP handler."""
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=linger)
+        if self.authenticator is not None:
+            self.authenticator.stop()

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from chatcluster import auth, links
 from chatcluster.cli import USAGE, OperatorError, os_reason, zmq_failure
@@ -39,8 +38,6 @@ log = logging.getLogger("gateway")
 
 BATCH = 2000
 """Worker messages handled per wake-up before the loop gets a turn."""
-PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
-"""Seconds after a dropped link at which the workers are probed."""
 
 
 @dataclass
@@ -135,10 +132,7 @@ class Gateway(Lifecycle):
         asock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         links.unbounded(asock)
         links.heartbeats(asock, self.config.link_timeout)
-        authenticator = auth.start(self.ctx, self.config.keys)
-        if self.config.keys is not None:
-            self.config.keys.server(asock)
-        monitor = asock.get_monitor_socket(zmq.EVENT_DISCONNECTED | auth.HANDSHAKE_EVENTS)
+        guard = auth.BoundGuard(self.ctx, asock, self.config.keys)
         try:
             # Both ports are taken before anything else, so a busy one is reported at
             # once; clients are served only once a register accepted our ids.
@@ -156,11 +150,7 @@ class Gateway(Lifecycle):
             )
             self._server = server = await self._listen()
         except BaseException:
-            asock.disable_monitor()
-            monitor.close(linger=0)
-            asock.close(linger=0)
-            if authenticator is not None:
-                authenticator.stop()
+            guard.close()
             raise
         reader = self._reader = BatchReader(asock, self._drain_workers)
         sock = self._sock = reader.sock
@@ -202,7 +192,7 @@ class Gateway(Lifecycle):
         tasks = [
             self._background(self.register.run()),
             self._background(self.streams.run()),
-            self._background(self._watch(monitor)),
+            self._background(guard.watch(self._probe_workers)),
             self._background(self._expire_workers()),
         ]
         log.info("gateway starting id=%s internal=%s", self.id, self.address)
@@ -229,11 +219,7 @@ class Gateway(Lifecycle):
             self.register.bye(self.id)
             self.register.close()
             reader.stop()
-            asock.disable_monitor()
-            monitor.close(linger=0)
-            asock.close(linger=1000)
-            if authenticator is not None:
-                authenticator.stop()
+            guard.close(linger=1000)
             log.info("gateway stopped id=%s", self.id)
 
     async def _listen(self) -> asyncio.AbstractServer:
@@ -318,19 +304,9 @@ class Gateway(Lifecycle):
             handle(parts)
         return True
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """A dropped TCP link means a worker may be gone: probe them all, a few times.
-
-        The monitor can report the drop before the ROUTER socket has let go of
-        the peer, and until it has, a send to it still succeeds; so the probe
-        is repeated for a moment (PINGs to live workers are ignored).
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            event = parse_monitor_message(await monitor.recv_multipart())
-            if not auth.report_server_event(event):
-                for delay in PROBE_DELAYS:
-                    loop.call_later(delay, self.pool.probe)
+    def _probe_workers(self) -> None:
+        """A dropped TCP link means a worker may be gone (PINGs to live ones are ignored)."""
+        self.pool.probe()
 
     async def _expire_workers(self) -> None:
         while True:

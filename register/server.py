@@ -11,7 +11,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from chatcluster import auth, links
 from chatcluster.cli import zmq_failure
@@ -25,13 +24,11 @@ from register.table import Table
 log = logging.getLogger("register")
 
 SETTLE = 3 * protocol.HEARTBEAT
+"""After this long up, every live gateway has beaten at least once."""
 STREAMS_SETTLE = 0.7 * protocol.HEARTBEAT
 """Publishes are taken only after this long up (earlier ones wait): by then every
 live gateway's stream socket beat (twice a heartbeat), so that a stream message
 reaches all of them."""
-PROBE_DELAYS = (0.0, 0.1, 0.5, 1.5)
-"""Seconds after a dropped link at which every member is probed."""
-"""After this long up, every live gateway has beaten at least once."""
 
 
 class Register(Lifecycle):
@@ -85,18 +82,11 @@ class Register(Lifecycle):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         links.heartbeats(sock, self.link_timeout)
-        authenticator = auth.start(self.ctx, self.keys)
-        if self.keys is not None:
-            self.keys.server(sock)
-        monitor = sock.get_monitor_socket(auth.HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
+        guard = auth.BoundGuard(self.ctx, sock, self.keys)
         try:
             sock.bind(self.bind)
         except zmq.ZMQError as exc:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
-            if authenticator is not None:
-                authenticator.stop()
+            guard.close()
             hint = "another program, perhaps a register, holds it: stop it or give another --bind"
             raise zmq_failure(exc, "bind", self.bind, hint) from exc
         self.sock = zmq.Socket.shadow(sock.underlying)
@@ -108,7 +98,7 @@ class Register(Lifecycle):
             os.getpid(),
         )
         ticker = self._background(self._tick())
-        watcher = self._background(self._watch(monitor))
+        watcher = self._background(guard.watch(self._probe))
         try:
             while not self._stopping.is_set():
                 events = await sock.poll(500, zmq.POLLIN)
@@ -118,11 +108,7 @@ class Register(Lifecycle):
         finally:
             ticker.cancel()
             watcher.cancel()
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
-            if authenticator is not None:
-                authenticator.stop()
+            guard.close()
             log.info("register stopped")
 
     async def _tick(self) -> None:
@@ -313,20 +299,6 @@ class Register(Lifecycle):
                 "interest_known": len(self.interest),
             },
         }
-
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """Log refused peers; when a link drops, find whose it was.
-
-        The monitor can report the drop before the ROUTER socket has let go of
-        the peer, and until it has, a send to it still succeeds: so the probe is
-        repeated for a moment.
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            event = parse_monitor_message(await monitor.recv_multipart())
-            if not auth.report_server_event(event):
-                for delay in PROBE_DELAYS:
-                    loop.call_later(delay, self._probe)
 
     def _probe(self) -> None:
         """Sending to a dropped link fails at once (ROUTER_MANDATORY): mark its member."""
