@@ -31,6 +31,7 @@ from tests.unit.test_connection_writes import (
     Watched,
     read_exactly,
     run,
+    socket_pair,
     turn,
 )
 
@@ -39,24 +40,6 @@ PING = Frame(Opcode.PING, b"p" * 125).serialize(mask=True)
 
 def client_frame(opcode: Opcode, data: bytes = b"", *, fin: bool = True) -> bytes:
     return Frame(opcode, data, fin).serialize(mask=True)
-
-
-def socket_pair(
-    *, sndbuf: int | None = None, rcvbuf: int | None = None
-) -> tuple[socket.socket, socket.socket]:
-    """(the gateway's accepted socket, the client's non-blocking one), on loopback."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.socket()
-        if rcvbuf:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        client.connect(listener.getsockname())
-        accepted, _ = listener.accept()
-    if sndbuf:
-        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    client.setblocking(False)
-    return accepted, client
 
 
 async def connect(gw: Any, **bufs: int) -> tuple[Watched, socket.socket]:

@@ -64,11 +64,10 @@ async def turn(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
-async def open_pair(
-    gw: FakeGateway, *, sndbuf: int | None = None, rcvbuf: int | None = None
-) -> tuple[ClientConnection, socket.socket]:
-    """A connection past its opening handshake, and the client's raw non-blocking socket."""
-    loop = asyncio.get_running_loop()
+def socket_pair(
+    *, sndbuf: int | None = None, rcvbuf: int | None = None
+) -> tuple[socket.socket, socket.socket]:
+    """(the gateway's accepted socket, the client's non-blocking one), on loopback."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
@@ -80,6 +79,15 @@ async def open_pair(
     if sndbuf:
         accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     client.setblocking(False)
+    return accepted, client
+
+
+async def open_pair(
+    gw: FakeGateway, *, sndbuf: int | None = None, rcvbuf: int | None = None
+) -> tuple[ClientConnection, socket.socket]:
+    """A connection past its opening handshake, and the client's raw non-blocking socket."""
+    loop = asyncio.get_running_loop()
+    accepted, client = socket_pair(sndbuf=sndbuf, rcvbuf=rcvbuf)
     conn = ClientConnection(gw)  # type: ignore[arg-type]
     await loop.connect_accepted_socket(lambda: conn, accepted)
     await loop.sock_sendall(client, UPGRADE)

@@ -6,10 +6,7 @@ ZeroMQ socket replaced by a recorder; a worker session is just a routing id.
 
 from __future__ import annotations
 
-import errno
 from typing import Any
-
-import zmq
 
 from gateway import protocol as p
 from gateway.clients import ClientTable
@@ -17,61 +14,11 @@ from gateway.commands import Commands
 from gateway.dedup import CHUNK, WINDOW, Seen
 from gateway.ids import make
 from gateway.workers import WorkerPool
+from tests.unit.fakes import FakeConn as Conn
+from tests.unit.fakes import FakeSocket as Socket
 
 PREFIX = 7
 OTHER = 9
-
-
-class Socket:
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, list[Any]]] = []
-        self.gone: set[bytes] = set()
-
-    def send_multipart(self, parts: list[bytes], flags: int = 0) -> None:
-        route, _head, *frames = parts
-        if route in self.gone:
-            raise zmq.ZMQError(errno.EHOSTUNREACH)
-        self.sent.extend((route, p.unpack(f)) for f in frames)
-
-    def to(self, route: bytes, op: int) -> list[list[Any]]:
-        return [m for r, m in self.sent if r == route and m[0] == op]
-
-
-class Conn:
-    """A client as the command handling and the routing see it."""
-
-    def __init__(self, client_id: int) -> None:
-        self.client_id = client_id
-        self.session = p.EMPTY_SESSION
-        self.session_version = 0
-        self.route: Any = None  # the pool's own record (gateway.workers.Route)
-        self.frames: list[bytes] = []
-        self.open = True
-
-    @property
-    def worker(self) -> bytes | None:
-        return None if self.route is None else self.route.worker
-
-    @property
-    def pending(self) -> int:
-        return 0 if self.route is None else self.route.pending
-
-    @property
-    def queued(self) -> int:
-        return 0 if self.route is None else self.route.queued
-
-    def write(self, frame: bytes) -> None:
-        self.frames.append(frame)
-
-    write_direct = write
-
-    def pause(self) -> None:
-        pass
-
-    resume = pause
-
-    def hold_until_direct(self) -> None:
-        pass
 
 
 class Gateway:

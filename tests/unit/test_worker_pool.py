@@ -2,65 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 from typing import Any
-
-import zmq
 
 from gateway import protocol as p
 from gateway.workers import WorkerPool
-
-
-class FakeSocket:
-    """Records what a ROUTER socket would send; peers listed in ``gone`` are unreachable."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, list[Any]]] = []
-        self.gone: set[bytes] = set()
-
-    def send_multipart(self, parts: list[bytes], flags: int = 0) -> None:
-        route, head, *frames = parts
-        if route in self.gone:
-            raise zmq.ZMQError(errno.EHOSTUNREACH)
-        assert p.unpack(head)[0] == p.MSG
-        self.sent.extend((route, p.unpack(frame)) for frame in frames)
-
-    def events(self, route: bytes | None = None) -> list[list[Any]]:
-        return [
-            m for r, m in self.sent if (route is None or r == route) and m[0] >= 100 and m[0] < 110
-        ]
-
-
-class FakeConn:
-    def __init__(self, client_id: int) -> None:
-        self.client_id = client_id
-        self.session = p.EMPTY_SESSION
-        self.session_version = 0
-        self.route: Any = None  # the pool's own record (gateway.workers.Route)
-        self.open = True
-        self.paused = False
-        self.closed_with: int | None = None
-
-    @property
-    def worker(self) -> bytes | None:
-        return None if self.route is None else self.route.worker
-
-    @property
-    def pending(self) -> int:
-        return 0 if self.route is None else self.route.pending
-
-    @property
-    def queued(self) -> int:
-        return 0 if self.route is None else self.route.queued
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        self.closed_with = code
+from tests.unit.fakes import FakeConn, FakeSocket
 
 
 def make_pool(**kwargs: Any) -> tuple[WorkerPool, FakeSocket]:
