@@ -9,6 +9,8 @@ after it: every observer reads up to the marker.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -217,3 +219,50 @@ def test_worker_killed_during_grace(cluster: Cluster) -> None:
         cluster.start_worker(0)
 
     asyncio.run(scenario())
+
+
+def test_gateway_paused_members_carry_on() -> None:
+    """A gateway paused (SIGSTOP) past the link timeout: its workers park its members
+    on the other gateway; when it wakes up it closes them with 1012 and they resume
+    there, with what was said meanwhile. Nobody sees a leave or a join, and the
+    roster is exact. Its own cluster: the pause disturbs every link of it."""
+
+    async def scenario(cluster: Cluster) -> None:
+        room = "grace-pause"
+        stay = await member(cluster.ws_url(1), "stay", room)
+        moving = [await member(cluster.ws_url(0), f"paused{i}", room) for i in range(3)]
+        await read_logins(stay, len(moving))
+        read = len(stay.received)
+        gone = f"gateway gone, closing its clients gateway={cluster.gateway_id(0)}"
+        pid = cluster.gateways[0].pid  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for worker in ("worker0", "worker1"):  # each parked what it served
+                await asyncio.to_thread(cluster.wait_log, worker, gone)
+            await stay.say("while paused")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        comeback = []
+        for client in moving:
+            assert (await client.closed())[0] == 1012
+            again = await ChatClient.open(cluster.ws_url(1))
+            await again.login("someone", room=room, resume=resume_of(client))
+            back = again.user_list
+            assert back["resumed"] is True and again.uid == client.uid, back
+            assert back["recovered"] is True, back
+            comeback.append(again)
+        await stay.say("marker")
+        for again in comeback:
+            said = [m["content"] for m in await read_to(again, "marker") if m["type"] == "say"]
+            assert said[0] == "while paused" and said[-1] == "marker", said
+        seen = stay.received[read:] + await read_to(stay, "marker")
+        assert kinds(seen) == [], seen
+        check = await member(cluster.ws_url(0), "check", room)  # the woken gateway, anew
+        everyone = {stay.uid, check.uid} | {c.uid for c in comeback}
+        assert {u["uid"] for u in check.user_list["user_list"]} == everyone
+        for client in [stay, *comeback, check]:
+            await client.close()
+
+    env = {"CHAT_GRACE": "10"}  # longer than the link timeout the pause has to outlast
+    with Cluster(gateways=2, workers=2, env=env) as cluster:
+        asyncio.run(scenario(cluster))
