@@ -28,7 +28,14 @@ ENV_LINK_TIMEOUT = "CHAT_LINK_TIMEOUT"
 LINK_TIMEOUT = 3.0
 """Seconds without an answer to a ZMTP heartbeat before a link is taken down."""
 HEARTBEAT = 1.0
-"""Seconds between two ZMTP heartbeats on a quiet link."""
+"""Seconds between two signs of life on every internal link: ZMTP heartbeats on a
+quiet link, a worker's HELLO on each gateway link, a member's beat to each register."""
+SILENCE_EXPIRY = 30.0
+"""Seconds a peer may send nothing at all before it is taken for hung: a backstop.
+Dead, paused and cut-off peers are found much sooner: ZeroMQ reports a dropped
+link at once, and its own heartbeats, answered by libzmq's I/O thread, take a
+silent link down within the link timeout. Those never mistake a busy Python loop
+for death."""
 
 
 def link_timeout(given: float | None = None) -> float:

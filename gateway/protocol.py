@@ -86,6 +86,8 @@ from typing import Any
 
 import msgpack
 
+from chatcluster import links
+
 HELLO = 1
 BYE = 2
 ACK = 3
@@ -139,16 +141,11 @@ Q_COUNT = "count"  # [] -> int
 Q_ALL_SESSIONS = "all_sessions"  # [] -> [[client_id, packed session], ...]
 Q_RESUME = "resume"  # [client_id, secret, new_client_id] -> [version, packed, groups, uid] | None
 
-HEARTBEAT = 1.0
+HEARTBEAT = links.HEARTBEAT
 """Seconds between two HELLOs of a worker on each of its links."""
 
-WORKER_EXPIRY = 30.0
-"""A worker that sent nothing for this long is taken for hung and its clients move on.
-
-Dead, paused and cut-off workers are found much sooner: ZeroMQ reports a
-dropped link at once, and its own heartbeats, answered by libzmq's I/O thread,
-take a silent link down within the link timeout (``chatcluster.links``). Those
-never mistake a busy Python loop for death."""
+WORKER_EXPIRY = links.SILENCE_EXPIRY
+"""A worker that sent nothing for this long is taken for hung and its clients move on."""
 
 EMPTY_SESSION = b"\x80"
 """msgpack of {}"""

@@ -63,6 +63,8 @@ from typing import Any
 
 import msgpack
 
+from chatcluster import links
+
 GATEWAY = "gateway"
 WORKER = "worker"
 BYE = "bye"
@@ -80,10 +82,10 @@ FETCHED = "fetched"
 POSITIONS = "positions"
 INTEREST = "interest"
 
-HEARTBEAT = 1.0
+HEARTBEAT = links.HEARTBEAT
 """Seconds between two heartbeats of a gateway or worker."""
 
-EXPIRY = 30.0
+EXPIRY = links.SILENCE_EXPIRY
 """Seconds of silence after which the register drops a gateway or worker: a backstop.
 
 A dead member is found sooner: its link drops (ZeroMQ reports it at once, and
