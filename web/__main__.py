@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from chatcluster import cli
-from chatcluster.logs import FORMAT
+from chatcluster import cli, logs
 from web.server import serve
 
 
@@ -44,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Configure logging and run the server until SIGTERM/SIGINT."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format=FORMAT, stream=sys.stderr
-    )
+    logs.setup("debug" if args.verbose else "info")
     serve(args.host, args.port, args.ws_url)
     return 0
 
