@@ -288,7 +288,7 @@ class Harness:
                 if task.done() and member in (*gateways, *workers, register):
                     task.result()  # a member that failed to start: its error, here
             return (
-                all(g._server is not None and g._server.is_serving() for g in gateways)
+                all(g.client_port is not None for g in gateways)
                 and all(g.pool.live == len(workers) for g in gateways)
                 and all(len(w.links) == len(gateways) for w in workers)
                 and len(register.stream_routes) == len(gateways)
@@ -309,8 +309,8 @@ class Harness:
     ) -> TestClient:
         """A client connects to ``gateway``; returns once its connect callbacks ran."""
         server = self.gateways[gateway]
-        assert server is not None and server._server is not None, f"gateway {gateway} is dead"
-        port = server._server.sockets[0].getsockname()[1]
+        port = None if server is None else server.client_port
+        assert port is not None, f"gateway {gateway} is dead"
         if isinstance(query, dict):
             query = "&".join(f"{k}={v}" for k, v in query.items())
         url = f"ws://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
@@ -380,7 +380,7 @@ class Harness:
                 continue
             if gateway.pool.busy:
                 return f"gateway {n} has events its workers did not acknowledge"
-            if gateway.streams._unconfirmed:
+            if gateway.streams.unconfirmed:
                 return f"gateway {n} has history messages the register did not confirm"
             for group, state in gateway.streams.groups.items():
                 if state.waiting is not None:

@@ -122,6 +122,14 @@ class Gateway(Lifecycle):
     def cut_off(self, conn: ClientConnection) -> None:
         self.stats_slow_closed += 1
 
+    @property
+    def client_port(self) -> int | None:
+        """The TCP port clients connect to, while it is serving (else None)."""
+        server = self._server
+        if server is None or not server.is_serving() or not server.sockets:
+            return None
+        return int(server.sockets[0].getsockname()[1])
+
     # Lifecycle
 
     async def run(self) -> None:

@@ -461,6 +461,11 @@ class StreamLink:
             else:
                 conn.write(frame)
 
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes handed to the register and not yet confirmed by it."""
+        return len(self._unconfirmed)
+
     # The sockets: one per register; publishes go to the first that answers
 
     @property
