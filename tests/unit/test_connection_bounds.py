@@ -20,6 +20,7 @@ from websockets.frames import Frame, Opcode
 
 import gateway.connection as connection
 import gateway.handshake as handshake
+from businessworker.testing import TIMEOUT
 from gateway import protocol as p
 from gateway.connection import READ_SLICE, ClientConnection, text_frame
 from gateway.handshake import Refused
@@ -33,6 +34,7 @@ from tests.unit.test_connection_writes import (
     run,
     socket_pair,
     turn,
+    until,
 )
 
 PING = Frame(Opcode.PING, b"p" * 125).serialize(mask=True)
@@ -117,11 +119,10 @@ def test_pongs_count_against_the_send_buffer_and_cut_off_with_1008(
         if after_close:
             conn.close(1000, "bye")
         batch = PING * 100
-        for _ in range(1000):  # 100,000 pings at most; about 700 are enough
-            if gw.stats_slow_closed:
-                break
-            await loop_.sock_sendall(client, batch)
-            await turn(1)
+        async with asyncio.timeout(TIMEOUT):  # about 700 pings are enough
+            while not gw.cut.is_set():
+                await loop_.sock_sendall(client, batch)
+                await turn(1)
         assert gw.stats_slow_closed == 1
         transport = conn.transport
         assert transport.is_closing() and not transport.is_reading()
@@ -198,16 +199,12 @@ def test_a_half_sent_frame_is_held_only_up_to_the_message_size(loop: str) -> Non
         conn, client = await open_watched(gw)
         frame = client_frame(Opcode.BINARY, b"x" * (64 << 10))  # the cap itself
         await loop_.sock_sendall(client, frame[: len(frame) // 2])
-        for _ in range(1000):
-            if len(conn.ws.reader.buffer) + 8 >= len(frame) // 2:  # header parsed off
-                break
-            await turn(1)
+        header = len(frame) - (64 << 10)
+        # all of it read, and the header parsed off: the payload waits in the buffer
+        await until(lambda: len(conn.ws.reader.buffer) == len(frame) // 2 - header)
         assert len(conn.ws.reader.buffer) <= gw.max_message_size
         await loop_.sock_sendall(client, frame[len(frame) // 2 :])
-        for _ in range(1000):
-            if gw.messages:
-                break
-            await turn(1)
+        await until(lambda: gw.messages)
         assert gw.messages == [b"x" * (64 << 10)] and len(conn.ws.reader.buffer) == 0
         # One byte more, announced in a header: refused before any payload arrives.
         await loop_.sock_sendall(client, client_frame(Opcode.BINARY, b"y" * (64 << 10 | 1))[:14])
@@ -309,11 +306,7 @@ def test_a_refusal_the_client_does_not_read_is_reset_after_the_close_timeout(
         conn, client = await connect(FakeGateway(), sndbuf=4096, rcvbuf=4096)
         request = b"POST / HTTP/1.1\r\n" if kind == "refused" else UPGRADE[:20]
         await loop_.sock_sendall(client, request)
-        for _ in range(10_000):  # until the gateway has answered
-            if conn._handshake is None:
-                break
-            await asyncio.sleep(0.001)
-        assert conn._handshake is None
+        await until(lambda: conn._handshake is None, 0.001)  # the gateway has answered
         assert conn.transport.is_closing() and conn.transport.get_write_buffer_size() > 0
         assert conn._close_timer is not None  # it would have waited forever
         await asyncio.wait_for(conn.lost.wait(), 5)
@@ -382,11 +375,7 @@ def test_a_clients_waiting_events_are_bounded_while_no_worker_is_linked(loop: st
         conn, client = await open_watched(gw)
         data = b"".join(client_frame(Opcode.TEXT, b"%d" % i) for i in range(count))
         sender = asyncio.create_task(loop_.sock_sendall(client, data))
-        for _ in range(10_000):
-            if conn._unread is not None:  # paused by the pool
-                break
-            await asyncio.sleep(0.001)
-        assert conn._unread is not None
+        await until(lambda: conn._unread is not None, 0.001)  # paused by the pool
         # The slice that reached the limit was parsed to its end, no further.
         bound = pool.flood_limit + READ_SLICE // len(client_frame(Opcode.TEXT, b"0")) + 1
         assert len(pool.waiting) == conn.route.queued <= bound
@@ -395,15 +384,14 @@ def test_a_clients_waiting_events_are_bounded_while_no_worker_is_linked(loop: st
 
         pool.hello(b"w1", {})
         says: list[str] = []
-        for _ in range(100_000):
-            events = [m for _, m in sock.sent if m[0] == p.EVENT_MESSAGE]
-            says.extend(m[5] for m in events)
-            seqs = [m[1] for _, m in sock.sent if m[0] in (p.EVENT_CONNECT, p.EVENT_MESSAGE)]
-            sock.sent.clear()
-            pool.ack(b"w1", seqs)  # may resume the client: its unread bytes come first
-            if len(says) == count:
-                break
-            await asyncio.sleep(0.0005 if not seqs else 0)
+        async with asyncio.timeout(TIMEOUT):  # a worker acknowledging what it gets
+            while len(says) < count:
+                events = [m for _, m in sock.sent if m[0] == p.EVENT_MESSAGE]
+                says.extend(m[5] for m in events)
+                seqs = [m[1] for _, m in sock.sent if m[0] in (p.EVENT_CONNECT, p.EVENT_MESSAGE)]
+                sock.sent.clear()
+                pool.ack(b"w1", seqs)  # may resume the client: its unread bytes come first
+                await asyncio.sleep(0.0005 if not seqs else 0)
         assert says == [str(i) for i in range(count)]
         assert gw.most <= bound and pool.refused == 0
         await asyncio.wait_for(sender, 5)

@@ -19,6 +19,7 @@ import uvloop
 
 import gateway.connection as connection
 import gateway.outbox as outbox
+from businessworker.testing import TIMEOUT
 from gateway.connection import ClientConnection, text_frame
 from gateway.outbox import Outbox
 
@@ -40,6 +41,10 @@ class FakeGateway:
         self.outbox = Outbox(max_send_buffer)
         self.stats_slow_closed = 0
         self.closed_conns: list[ClientConnection] = []
+        self.gone = asyncio.Event()
+        """set when a connection reported itself closed"""
+        self.cut = asyncio.Event()
+        """set when a connection was cut off as too slow"""
 
     def opened(self, conn: ClientConnection, path: str, headers: Any) -> None:
         conn.client_id = 1
@@ -49,19 +54,57 @@ class FakeGateway:
 
     def closed(self, conn: ClientConnection) -> None:
         self.closed_conns.append(conn)
+        self.gone.set()
 
     def cut_off(self, conn: ClientConnection) -> None:
         self.stats_slow_closed += 1
+        self.cut.set()
 
 
 def run(loop: str, test: Callable[[], Awaitable[None]]) -> None:
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        runner.run(asyncio.wait_for(test(), 20))
+        runner.run(asyncio.wait_for(test(), 2 * TIMEOUT))
 
 
 async def turn(n: int = 3) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+async def until(condition: Callable[[], Any], pace: float = 0.0) -> None:
+    """Until ``condition()`` holds, looking again every loop turn (or ``pace`` s); a
+    test that waits longer than TIMEOUT fails."""
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(pace)
+
+
+class Watched(ClientConnection):
+    """A connection that tells when the transport refused or took back direct writes,
+    and when it was lost."""
+
+    __slots__ = ("direct", "lost", "refused")
+
+    def __init__(self, gateway: Any) -> None:
+        super().__init__(gateway)
+        self.lost = asyncio.Event()
+        self.refused = asyncio.Event()
+        """set by pause_writing: the transport holds bytes, direct writes stop"""
+        self.direct = asyncio.Event()
+        """set by resume_writing once direct writes may go again"""
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.refused.set()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.fd >= 0:
+            self.direct.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.lost.set()
 
 
 def socket_pair(
@@ -84,18 +127,20 @@ def socket_pair(
 
 async def open_pair(
     gw: FakeGateway, *, sndbuf: int | None = None, rcvbuf: int | None = None
-) -> tuple[ClientConnection, socket.socket]:
+) -> tuple[Watched, socket.socket]:
     """A connection past its opening handshake, and the client's raw non-blocking socket."""
     loop = asyncio.get_running_loop()
     accepted, client = socket_pair(sndbuf=sndbuf, rcvbuf=rcvbuf)
-    conn = ClientConnection(gw)  # type: ignore[arg-type]
+    conn = Watched(gw)
     await loop.connect_accepted_socket(lambda: conn, accepted)
     await loop.sock_sendall(client, UPGRADE)
     response = b""
     while b"\r\n\r\n" not in response:
         response += await loop.sock_recv(client, 4096)
     assert response.startswith(b"HTTP/1.1 101")
-    assert conn.writable
+    assert conn.writable and conn.fd >= 0
+    conn.refused.clear()
+    conn.direct.clear()
     return conn, client
 
 
@@ -195,11 +240,12 @@ def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
         conn, client = await open_pair(gw, sndbuf=4096, rcvbuf=4096)
         writes = counting_writes(monkeypatch)
         sent = 0
-        while conn.fd >= 0:  # until the kernel takes no more: the transport holds the rest
-            conn.write(numbered(sent))
-            sent += 1
-            await turn(1)
-            assert sent < 100_000
+        async with asyncio.timeout(TIMEOUT):
+            while not conn.refused.is_set():  # until the kernel takes no more
+                conn.write(numbered(sent))
+                sent += 1
+                await turn(1)
+        assert conn.fd == -1  # the transport holds the rest
         direct = len(writes)
         for _ in range(20):  # these go through the transport, behind what it holds
             conn.write(numbered(sent))
@@ -211,10 +257,7 @@ def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
         assert [data[i * size + 4 : i * size + 10] for i in range(sent)] == [
             b"%06d" % i for i in range(sent)
         ]
-        for _ in range(100):  # drained: resume_writing gives the descriptor back
-            if conn.fd >= 0:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(conn.direct.wait(), TIMEOUT)  # drained: the descriptor is back
         assert conn.fd >= 0
         conn.write(numbered(sent))
         await turn()
@@ -233,19 +276,15 @@ def test_a_slow_consumer_is_cut_off(loop: str, monkeypatch: pytest.MonkeyPatch) 
         gw = FakeGateway(max_send_buffer=64 << 10)
         conn, client = await open_pair(gw, sndbuf=4096, rcvbuf=4096)
         frame = text_frame("y" * 4000)
-        for _ in range(10_000):
-            conn.write(frame)
-            await turn(1)
-            if gw.stats_slow_closed:
-                break
+        async with asyncio.timeout(TIMEOUT):
+            while not gw.cut.is_set():
+                conn.write(frame)
+                await turn(1)
         assert gw.stats_slow_closed == 1
         assert not conn.writable and conn.fd == -1 and not conn.open
         conn.write(frame)
         assert conn.out is None  # nothing is queued once closing
-        for _ in range(100):  # the abort after CLOSE_TIMEOUT
-            if gw.closed_conns:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(gw.gone.wait(), TIMEOUT)  # the abort after CLOSE_TIMEOUT
         assert gw.closed_conns == [conn]
         with pytest.raises(ConnectionResetError):  # SO_LINGER 0: reset, not a FIN
             while client.recv(1 << 20):
@@ -272,10 +311,7 @@ def test_close_flushes_first_and_then_writes_nothing(loop: str) -> None:
         body = await read_exactly(client, got[-1])
         assert struct.unpack("!H", body[:2]) == (1000,)
         client.close()  # the client answers with EOF: the connection goes
-        for _ in range(100):
-            if gw.closed_conns:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(gw.gone.wait(), TIMEOUT)
         assert gw.closed_conns == [conn]
         assert conn.fd == -1
 
@@ -291,11 +327,12 @@ def test_a_peer_reset_closes_the_connection_quietly(
         conn, client = await open_pair(gw)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()  # RST
-        for i in range(50):
-            conn.write(numbered(i))
-            await asyncio.sleep(0.01)
-            if gw.closed_conns:
-                break
+        i = 0
+        async with asyncio.timeout(TIMEOUT):
+            while not gw.gone.is_set():  # writing on until a write meets the reset
+                conn.write(numbered(i))
+                i += 1
+                await asyncio.sleep(0.01)
         assert gw.closed_conns == [conn]
         assert conn.fd == -1
 
@@ -371,20 +408,6 @@ def test_a_handshake_that_never_completes_gets_408_and_is_closed(
         client.close()
 
     run(loop, test)
-
-
-class Watched(ClientConnection):
-    """Tells when its connection was lost."""
-
-    __slots__ = ("lost",)
-
-    def __init__(self, gateway: Any) -> None:
-        super().__init__(gateway)
-        self.lost = asyncio.Event()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.lost.set()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
