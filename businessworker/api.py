@@ -91,11 +91,12 @@ _bound: ContextVar[GatewayLinks | None] = ContextVar("businessworker_links", def
 def linked() -> GatewayLinks | None:
     """The links calls made here go through (this worker's, or a cluster client's),
     or None outside a running worker."""
-    return _bound.get() or _links
+    bound = _bound.get()  # not ``or``: links with no gateway linked now are falsy (len 0)
+    return bound if bound is not None else _links
 
 
 def _cluster() -> GatewayLinks:
-    links = _bound.get() or _links
+    links = linked()
     if links is None:
         raise RuntimeError(
             "the businessworker API is only usable inside a running worker "

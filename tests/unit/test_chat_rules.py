@@ -281,3 +281,55 @@ async def test_back_goes_only_to_clients_that_asked_for_continuity(
     assert [m["type"] for m in aware.inbox] == ["back"]
     assert not seed.inbox  # the seed's shapes only, and nothing happened for it
     assert not again.inbox  # not told about itself
+
+
+async def test_a_roster_read_before_a_member_was_parked_is_repaired_by_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The only gateway dies and a new one starts; the worker of one member parks its
+    members there at once, the other's later. A member who resumes in between gets a
+    user_list without the late one, and is told by "back" once it resumes."""
+    monkeypatch.setattr(chat, "GRACE", 30.0)
+    async with Harness("businessworker.chat", gateways=1, workers=2) as h:
+        clients = [await login(h, f"c{i}", "parked", resume=True) for i in range(4)]
+        await h.settle()
+        gateway_id = h.gateways[0].id  # type: ignore[union-attr]
+        by_worker: dict[int, TestClient] = {}
+        for client in clients:
+            for i, worker in enumerate(h.workers):
+                if client.id in worker.dispatcher.served.get(gateway_id, {}):  # type: ignore[union-attr]
+                    by_worker.setdefault(i, client)
+        (_, early), (late_worker, late) = sorted(by_worker.items())
+        parker = h.workers[late_worker].dispatcher.parker  # type: ignore[union-attr]
+        release = asyncio.Event()
+        park = parker._try
+
+        def held(*args: Any) -> None:  # this worker learns of the new gateway late
+            if release.is_set():
+                park(*args)
+            else:
+                asyncio.get_running_loop().call_later(0.01, held, *args)
+
+        monkeypatch.setattr(parker, "_try", held)
+        await h.kill_gateway(0)
+        new = await h.start_gateway()
+        async with asyncio.timeout(10):
+            while not h.online(early):  # parked by its worker
+                await asyncio.sleep(0.01)
+        first = await login(
+            h, "x", "parked", gateway=new, resume={"token": early.user_list["token"]}
+        )  # type: ignore[attr-defined]
+        assert first.user_list["resumed"] is True  # type: ignore[attr-defined]
+        listed = {u["uid"] for u in first.user_list["user_list"]}  # type: ignore[attr-defined]
+        assert late.uid not in listed  # type: ignore[attr-defined]  # the race, made to happen
+        release.set()
+        async with asyncio.timeout(10):
+            while not h.online(late):
+                await asyncio.sleep(0.01)
+        second = await login(
+            h, "y", "parked", gateway=new, resume={"token": late.user_list["token"]}
+        )  # type: ignore[attr-defined]
+        assert second.user_list["resumed"] is True  # type: ignore[attr-defined]
+        await h.settle()
+        backs = [m for m in first.inbox if m.get("type") == "back"]
+        assert [(m["uid"], m["name"]) for m in backs] == [(late.uid, f"c{clients.index(late)}")]  # type: ignore[attr-defined]
