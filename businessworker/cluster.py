@@ -508,11 +508,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-__all__ = [
-    "AsyncCluster",
-    "Cluster",
-    "ClusterError",
-    "ClusterUnavailable",
-    "NotConfirmed",
-]
