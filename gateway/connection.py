@@ -51,6 +51,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from gateway.handshake import HandshakeParser, Refused, refuse
+from gateway.metrics import COUNTS
 from gateway.protocol import session_entry
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        COUNTS.bytes_in += len(data)
         if self.ws is None:
             data = self._opening(data)
             if not data:
@@ -194,6 +196,7 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        COUNTS.disconnected(self.ws)
         self._closing()
         self.transport = None
         self._unread = None
@@ -380,6 +383,7 @@ class ClientConnection(asyncio.Protocol):
         takes effect within READ_SLICE bytes, not at the end of a 256 KiB read.
         """
         if self._unread is None:
+            COUNTS.flood_pauses += 1
             self._unread = b""
             transport = self.transport
             if transport is not None and not transport.is_closing():
@@ -423,6 +427,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        COUNTS.resets += 1
         self._closing()
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -630,5 +635,6 @@ class ClientConnection(asyncio.Protocol):
                 return True
         else:
             message = bytes(data)
+        COUNTS.messages_in += 1
         self.gateway.received(self, message)
         return False
