@@ -124,8 +124,8 @@ CATALOG: dict[str, Spec] = {
         "unacknowledged events of a lost worker handed over to other workers"
     ),
     "gateway_workers_lost_total": _c(
-        "worker sessions lost (disconnected, silent past the link timeout, unreachable, a "
-        "missing message: gap) and fenced",
+        "worker sessions ended and fenced, by why: stopped (after its BYE), disconnected, "
+        "silent (past the link timeout), unreachable, gap (a message went missing)",
         "why",
     ),
     "gateway_worker_byes_total": _c("workers that said they stop (BYE)"),

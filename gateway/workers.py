@@ -319,7 +319,7 @@ class WorkerPool:
         if worker_id in self._ring:
             self._ring.remove(worker_id)
         replay = [entry for _, entry in sorted(worker.unacked.items())]
-        COUNTS.lost(why, len(replay))
+        COUNTS.lost("stopped" if worker.draining else why, len(replay))
         log_level = logging.INFO if worker.draining and not replay else logging.WARNING
         log.log(
             log_level,
