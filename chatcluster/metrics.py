@@ -153,10 +153,10 @@ CATALOG: dict[str, Spec] = {
     "worker_internal_messages_sent_total": _c("ZeroMQ messages sent to gateways"),
     "worker_internal_messages_received_total": _c("ZeroMQ messages received from gateways"),
     # Register
-    "register_members": _g("members in the table, by role", "role"),
-    "register_joins_total": _c("members that joined, by role", "role"),
-    "register_leaves_total": _c("members that said goodbye, by role", "role"),
-    "register_drops_total": _c("members dropped (link lost, no beat in time), by role", "role"),
+    "register_members": _g("members in the table, by role", "member_role"),
+    "register_joins_total": _c("members that joined, by role", "member_role"),
+    "register_leaves_total": _c("members that said goodbye, by role", "member_role"),
+    "register_drops_total": _c("members dropped (link lost, no beat in time)", "member_role"),
     "register_refusals_total": _c(
         "refusals, by reason (takeover: a second gateway with a live one's id; prefix: an "
         "id prefix another gateway owns; gone: a gateway declared gone beat again; "

@@ -119,8 +119,8 @@ async def test_the_exposition_parses_and_names_every_member(cluster: Cluster) ->
     )
     roles = {dict(ls)["role"] for (n, ls) in figures if n == "process_up_seconds"}
     assert roles == {"register", "gateway", "worker"}
-    assert total(figures, "register_members", role="worker") == 2
-    assert total(figures, "register_members", role="gateway") == 1
+    assert total(figures, "register_members", member_role="worker") == 2
+    assert total(figures, "register_members", member_role="gateway") == 1
     # The gateway's own endpoint: the same names, its figures alone.
     own = await scrape(cluster.gateway_metrics_url)  # type: ignore[attr-defined]
     assert {dict(ls)["role"] for (n, ls) in own if n == "process_up_seconds"} == {"gateway"}
@@ -280,8 +280,8 @@ async def test_workers_lost_and_health(cluster: Cluster) -> None:
         url,
         lambda f: (
             moved(before, "gateway_workers_lost_total", 1, why="disconnected")(f)
-            and moved(before, "register_drops_total", 1, role="worker")(f)
-            and total(f, "register_members", role="worker") == 1
+            and moved(before, "register_drops_total", 1, member_role="worker")(f)
+            and total(f, "register_members", member_role="worker") == 1
         ),
         "the killed worker lost by the gateway and dropped by the register",
     )
@@ -292,7 +292,7 @@ async def test_workers_lost_and_health(cluster: Cluster) -> None:
         url,
         lambda f: (
             moved(before, "gateway_worker_byes_total", 1)(f)
-            and moved(before, "register_leaves_total", 1, role="worker")(f)
+            and moved(before, "register_leaves_total", 1, member_role="worker")(f)
         ),
         "the stopped worker's goodbye",
     )

@@ -317,6 +317,12 @@ CASES = [
         ["argument --metrics: '1237' is not HOST:PORT"],
     ),
     Case(
+        "web-metrics-url-not-http",
+        ["web", "--port", "0", "--metrics-url", "tcp://127.0.0.1:1237"],
+        USAGE,
+        ["--metrics-url must start with http:// or https://"],
+    ),
+    Case(
         "register-keys-out-holds-a-key",
         ["register", "keys", "--out", "{tmp}/state"],
         FAILED,

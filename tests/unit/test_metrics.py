@@ -55,3 +55,4 @@ def test_catalogue_names_follow_the_conventions() -> None:
         assert name.endswith("_total") == (spec.kind == "counter"), name
         if spec.kind == "histogram":
             assert name.endswith("_seconds"), name
+        assert not {"role", "id"} & set(spec.labels), name  # the labels every member has
