@@ -20,10 +20,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.frames import Frame, Opcode
 
 from businessworker.testing import TIMEOUT
+from register import protocol as register_protocol
 from tests.chat import ChatClient
 from tests.cluster import Cluster, free_port
 
@@ -255,6 +257,22 @@ async def test_a_slow_consumer_is_counted_once(cluster: Cluster) -> None:
     assert total(after, "gateway_client_messages_received_total") == total(
         before, "gateway_client_messages_received_total"
     )
+
+
+async def test_a_peer_without_the_key_is_a_register_refusal(cluster: Cluster) -> None:
+    url = cluster.metrics_url  # type: ignore[attr-defined]
+    before = await scrape(url)
+    sock = zmq.Context.instance().socket(zmq.DEALER)  # plain: no CURVE, no key
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)  # one attempt: exactly one refusal
+    try:
+        sock.connect(cluster.register_address)
+        sock.send(register_protocol.pack([register_protocol.STATUS]))
+        await until(
+            url, moved(before, "register_refusals_total", 1, reason="handshake"), "a refusal"
+        )
+    finally:
+        sock.close()
 
 
 async def health(url: str) -> tuple[int, str]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatcluster import metrics
-from chatcluster.metrics import CATALOG, Histogram, SnapshotCollector, exposition
+from chatcluster.metrics import CATALOG, Histogram, MetricsServer, SnapshotCollector, exposition
 
 
 def test_loopback_only_unless_public() -> None:
@@ -56,3 +58,30 @@ def test_catalogue_names_follow_the_conventions() -> None:
         if spec.kind == "histogram":
             assert name.endswith("_seconds"), name
         assert not {"role", "id"} & set(spec.labels), name  # the labels every member has
+
+
+async def _ask(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_the_endpoint_answers_get_and_head_only_and_says_who_may_read() -> None:
+    server = MetricsServer(("127.0.0.1", 0), lambda: b"x 1\n", lambda: (False, "no gateway"))
+    await server.start()
+    try:
+        port = server.port
+        got = await _ask(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\nx 1\n")
+        assert b"Access-Control-Allow-Origin: *\r\n" in got
+        head = await _ask(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+        health = await _ask(port, b"GET /health HTTP/1.1\r\n\r\n")
+        assert health.startswith(b"HTTP/1.1 503") and health.endswith(b"\r\n\r\nno gateway\n")
+        assert (await _ask(port, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405")
+        assert (await _ask(port, b"\xff\xfe\r\n\r\n")).startswith(b"HTTP/1.1 400")
+        assert await _ask(port, b"GET /" + b"x" * 9000) == b""  # over 8 KiB: closed
+    finally:
+        server.close()
