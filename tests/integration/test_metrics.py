@@ -12,6 +12,7 @@ read again after something later moved another one.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -287,13 +288,18 @@ async def until_health(url: str, code: int, text: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_workers_lost_and_health(cluster: Cluster) -> None:
-    """A worker killed is counted on the gateway and the register; /health is 503 once
-    the last worker stopped and 200 again when one starts."""
+async def test_workers_lost_events_handed_over_and_health(cluster: Cluster) -> None:
+    """Workers killed and stopped, counted on the gateway and the register; the events of a
+    killed worker handed over (to the waiting queue: no worker is left); /health 503 while
+    no worker is linked and 200 again when one starts."""
     url = cluster.metrics_url  # type: ignore[attr-defined]
     await until_health(url, 200, "ok: 1 gateways, 2 workers")
     before = await scrape(url)
-    cluster.kill_worker(0)
+    client = await ChatClient.open(cluster.ws_url(0))
+    await until(url, moved(before, "worker_events_total", 1, kind="connect"), "its connect")
+
+    # Worker 1 killed: its client (if it had it) moves to worker 0, which is then the only one.
+    cluster.kill_worker(1)
     await until(
         url,
         lambda f: (
@@ -304,19 +310,52 @@ async def test_workers_lost_and_health(cluster: Cluster) -> None:
         "the killed worker lost by the gateway and dropped by the register",
     )
     await until_health(url, 200, "ok: 1 gateways, 1 workers")
-    cluster.stop_worker(1)
+
+    # Worker 0 paused, sent 3 events it cannot acknowledge, then killed: 3 handed over.
+    proc = cluster.workers[0]
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            await client.send("not JSON")
+        await until(url, moved(before, "gateway_events_total", 1 + 3), "3 events routed")
+    finally:
+        cluster.kill_worker(0)  # SIGKILL ends a stopped process too
+    lost = await until(
+        url,
+        lambda f: (
+            moved(before, "gateway_workers_lost_total", 2)(f)  # disconnected, or silent
+            and moved(before, "gateway_events_handed_over_total", 3)(f)
+            and total(f, "gateway_events_waiting") == 3
+        ),
+        "worker 0 lost, its 3 events handed over to the waiting queue",
+    )
+    await until_health(url, 503, "no worker linked (1 gateways, 0 workers)")
+    assert total(lost, "gateway_workers_linked") == 0
+
+    # A worker starts: the 3 events are handled (3 bad_json errors), the cluster is healthy.
+    cluster.start_worker(0)
+    await until_health(url, 200, "ok: 1 gateways, 1 workers")
+    for _ in range(3):
+        assert (await client.expect("error"))["code"] == "bad_json"
+    await until(url, lambda f: total(f, "gateway_events_waiting") == 0, "nothing waiting")
+
+    # The last worker stops (SIGTERM): a goodbye, why="stopped", 503; one starts: 200.
+    stopped = await scrape(url)
+    cluster.stop_worker(0)
     await until_health(url, 503, "no worker linked (1 gateways, 0 workers)")
     after = await until(
         url,
         lambda f: (
-            moved(before, "gateway_worker_byes_total", 1)(f)
-            and moved(before, "register_leaves_total", 1, member_role="worker")(f)
+            moved(stopped, "gateway_worker_byes_total", 1)(f)
+            and moved(stopped, "gateway_workers_lost_total", 1, why="stopped")(f)
+            and moved(stopped, "register_leaves_total", 1, member_role="worker")(f)
         ),
         "the stopped worker's goodbye",
     )
-    assert (
-        total(after, "gateway_workers_lost_total", why="disconnected")
-        == total(before, "gateway_workers_lost_total", why="disconnected") + 1
+    assert total(after, "gateway_events_handed_over_total") == total(
+        lost, "gateway_events_handed_over_total"
     )
     cluster.start_worker(0)
     await until_health(url, 200, "ok: 1 gateways, 1 workers")
+    await client.close()
