@@ -13,10 +13,12 @@ import sys
 import uvloop
 import zmq.asyncio
 
+from businessworker import metrics as worker_metrics
 from businessworker.app import App
 from businessworker.worker import Worker
-from chatcluster import cli, links, logs, process
+from chatcluster import cli, links, logs
 from chatcluster import keys as curve
+from chatcluster import metrics as figures
 from register.client import register_addresses
 
 
@@ -36,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_registers()
     parser.add_cluster_key("plain links, no key: for a cluster started --insecure (a WARNING)")
     parser.add_link_timeout()
+    parser.add_metrics("this worker's figures")
     parser.add_log_level()
     args = parser.parse_args(argv)
     parser.check_cluster_key(args)
+    parser.check_metrics(args)
     logs.setup(args.log_level)
     registers = register_addresses(args.register)
     app = load_app(args.app)
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     # out of the collector's full passes, which otherwise traverse it every time.
     gc.freeze()
     timeout = links.link_timeout(args.link_timeout)
-    code = uvloop.run(_run(app, registers, keys, timeout))
+    code = uvloop.run(_run(app, registers, keys, timeout, args.metrics))
     # Without this, messages still queued in ZeroMQ (a stopping worker's last
     # acknowledgements) can die with the process; destroy flushes them first.
     zmq.asyncio.Context.instance().destroy(linger=2000)
@@ -87,8 +91,20 @@ def _import_failed(name: str, exc: BaseException) -> cli.OperatorError:
     )
 
 
-async def _run(app: App, registers: list[str], keys: curve.Keys | None, link_timeout: float) -> int:
-    return await process.serve(Worker(app, registers, keys=keys, link_timeout=link_timeout))
+async def _run(
+    app: App,
+    registers: list[str],
+    keys: curve.Keys | None,
+    link_timeout: float,
+    metrics_at: tuple[str, int] | None = None,
+) -> int:
+    worker = Worker(app, registers, keys=keys, link_timeout=link_timeout)
+
+    def render() -> bytes:
+        source = [(("worker", worker.id), worker_metrics.snapshot(worker))]
+        return figures.exposition(figures.SnapshotCollector(lambda: source))
+
+    return await figures.serve_member(worker, metrics_at, render)
 
 
 if __name__ == "__main__":

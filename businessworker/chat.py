@@ -49,7 +49,7 @@ import os
 import time
 from typing import Any
 
-from businessworker import api
+from businessworker import api, metrics
 
 MAX_NAME = 32
 MAX_CONTENT = 4096
@@ -95,6 +95,7 @@ async def on_message(client_id: int, message: str | bytes, session: dict[str, An
         else:
             raise ChatError("bad_field", 'field "type" must be a string')
     except ChatError as exc:
+        metrics.app_event(f"error_{exc.code}")  # worker_app_events_total{event="error_bad_json"}
         api.send_to_client(client_id, {"type": "error", "code": exc.code, "message": exc.message})
 
 

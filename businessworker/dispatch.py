@@ -26,10 +26,12 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 from businessworker import api
 from businessworker.app import App, Request
+from businessworker.metrics import COUNTS
 from businessworker.presence import Parker
 from gateway import protocol as p
 from gateway.ids import prefix_of
@@ -122,6 +124,7 @@ class Dispatcher:
             return False
 
     def _run(self, link: GatewayLink, message: list[Any]) -> None:
+        started = perf_counter()
         op, seq, client_id, version, packed = message[:5]
         cached = self.sessions.get(client_id)
         if cached is not None:
@@ -148,16 +151,18 @@ class Dispatcher:
             if inspect.isawaitable(result):
                 self.busy[client_id] = deque()
                 self._idle.clear()
-                task = asyncio.ensure_future(self._finish_later(result, scope, seq, op))
+                task = asyncio.ensure_future(self._finish_later(result, scope, seq, op, started))
                 self.tasks.add(task)
                 self._scopes[task] = scope
                 task.add_done_callback(self._task_done)
                 return
         except Exception:
+            COUNTS.exceptions += 1
             log.exception("callback failed client=%d event=%s", client_id, EVENT_NAMES.get(op))
         finally:
             api._scope.reset(token)
         self._done(scope, seq, op)
+        COUNTS.handled(op, started)
 
     def _call(self, op: int, client_id: int, session: dict[str, Any], message: list[Any]) -> Any:
         app = self.app
@@ -196,7 +201,9 @@ class Dispatcher:
         if await verdict is False:
             api.close_client(client_id, code=1008)
 
-    async def _finish_later(self, awaitable: Any, scope: Scope, seq: int, op: int) -> None:
+    async def _finish_later(
+        self, awaitable: Any, scope: Scope, seq: int, op: int, started: float
+    ) -> None:
         try:
             await awaitable
         except asyncio.CancelledError:
@@ -204,11 +211,13 @@ class Dispatcher:
                 raise  # the worker is stopping
         except Exception:
             if not scope.run.stale:
+                COUNTS.exceptions += 1
                 log.exception(
                     "callback failed client=%d event=%s", scope.client_id, EVENT_NAMES.get(op)
                 )
         if not scope.run.stale:
             self._done(scope, seq, op)
+            COUNTS.handled(op, started)
         self._next(scope.client_id)
 
     def _task_done(self, task: asyncio.Future[None]) -> None:
@@ -245,6 +254,8 @@ class Dispatcher:
                 parked += 1
             else:
                 self._close_gone(link, client_id, version, packed)
+        COUNTS.gateways_lost += 1
+        COUNTS.closes_made_up += len(served) - parked
         log.log(
             logging.WARNING if served else logging.INFO,
             "gateway gone, closing its clients gateway=%s clients=%d parked=%d",

@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from businessworker import api
+from businessworker import api, metrics
 from businessworker.app import App, WorkerInfo
 from businessworker.dispatch import Dispatcher
 from businessworker.links import GatewayLinks
@@ -128,6 +128,7 @@ class Worker(Lifecycle):
                 "host": socket.gethostname(),
                 "app": self.app.name,
                 "gateways": len(self.links),
+                "metrics": metrics.snapshot(self),
             },
         ]
 

@@ -182,8 +182,11 @@ class BoundGuard:
             keys.server(sock)
         self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
 
-    async def watch(self, probe: Callable[[], None]) -> None:
-        """Log refused peers; when a link drops, run ``probe`` a few times.
+    async def watch(
+        self, probe: Callable[[], None], refused: Callable[[], None] | None = None
+    ) -> None:
+        """Log refused peers (and tell ``refused``); when a link drops, run ``probe``
+        a few times.
 
         The monitor can report the drop before the ROUTER socket has let go of
         the peer, and until it has, a send to it still succeeds: so the probe
@@ -193,6 +196,9 @@ class BoundGuard:
         loop = asyncio.get_running_loop()
         while True:
             event = parse_monitor_message(await self.monitor.recv_multipart())
+            handshake = int(event["event"]) & HANDSHAKE_EVENTS
+            if refused is not None and handshake and describe_server_failure(event):
+                refused()
             if not report_server_event(event):
                 for delay in PROBE_DELAYS:
                     loop.call_later(delay, probe)

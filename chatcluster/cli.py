@@ -92,6 +92,20 @@ class Parser(argparse.ArgumentParser):
         if args.curve_key and args.insecure:
             self.error("give --curve-key or --insecure, not both")
 
+    def add_metrics(self, what: str) -> None:
+        """``--metrics HOST:PORT`` and ``--metrics-public`` (``chatcluster.metrics``)."""
+        from chatcluster import metrics
+
+        metrics.add_metrics(self, what)
+
+    def check_metrics(self, args: argparse.Namespace) -> None:
+        """A usage error for a non-loopback --metrics without --metrics-public."""
+        from chatcluster import metrics
+
+        why = metrics.metrics_error(args.metrics, args.metrics_public)
+        if why is not None:
+            self.error(why)
+
     def add_log_level(self) -> None:
         """The ``--log-level`` every program takes (debug also shows an operator
         error's traceback)."""

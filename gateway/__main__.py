@@ -10,7 +10,7 @@ import ssl
 import uvloop
 import zmq.asyncio
 
-from chatcluster import cli, links, logs, process
+from chatcluster import cli, links, logs
 from chatcluster import keys as curve
 from gateway.server import Gateway, GatewayConfig, binds_everywhere
 from register.client import register_addresses
@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a stop may take to close every client (default: %(default)g)",
     )
     parser.add_link_timeout()
+    parser.add_metrics("this gateway's figures")
     parser.add_log_level()
     args = parser.parse_args(argv)
+    parser.check_metrics(args)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert (the certificate it is the key of)")
     parser.check_cluster_key(args)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_time=args.drain_time,
     )
     _tune_gc()
-    code = uvloop.run(_run(config))
+    code = uvloop.run(_run(config, args.metrics))
     # Flush what ZeroMQ still has queued (last replies, goodbyes) before exiting.
     zmq.asyncio.Context.instance().destroy(linger=2000)
     return code
@@ -172,8 +174,21 @@ def _tune_gc() -> None:
     gc.set_threshold(5000, 10, 10)
 
 
-async def _run(config: GatewayConfig) -> int:
-    return await process.serve(Gateway(config))
+async def _run(config: GatewayConfig, metrics_at: tuple[str, int] | None = None) -> int:
+    from chatcluster import metrics as figures
+    from gateway import metrics
+
+    gateway = Gateway(config)
+    metrics.attach(gateway)
+
+    def render() -> bytes:
+        return figures.exposition(
+            figures.SnapshotCollector(
+                lambda: [(("gateway", gateway.id), metrics.snapshot(gateway))]
+            )
+        )
+
+    return await figures.serve_member(gateway, metrics_at, render)
 
 
 if __name__ == "__main__":

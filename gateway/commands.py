@@ -15,6 +15,7 @@ from chatcluster.logs import Throttle, held_back
 from gateway import protocol as p
 from gateway.connection import text_frame
 from gateway.dedup import KEY_PREFIX, Keyed, Seen
+from gateway.metrics import COUNTS
 
 if TYPE_CHECKING:
     from gateway.clients import ClientTable
@@ -27,6 +28,14 @@ log = logging.getLogger("gateway.commands")
 
 _STALE = object()
 """counting mark of a run whose event this session no longer holds: nothing of it acts"""
+
+
+def _count(sent: int, unknown: int, frame: bytes) -> None:
+    """Count a command's deliveries at once (not per recipient: the fan-out stays as it was)."""
+    COUNTS.frames_out += sent
+    COUNTS.bytes_out += sent * len(frame)
+    if unknown:
+        COUNTS.unknown_sends += unknown
 
 
 def _frame(data: str | bytes) -> bytes:
@@ -103,6 +112,7 @@ class Commands:
         """
         route = parts[0]
         pool = self.pool
+        COUNTS.internal_in += 1
         worker = pool.workers.get(route)
         try:
             head = p.unpack(parts[1])
@@ -111,6 +121,7 @@ class Commands:
             n = -1
         if worker is None:
             if route in pool.fenced or (n > 1 and head[0] == p.MSG):
+                COUNTS.fenced_messages += 1
                 pool.refuse(route)  # a gone session, or one from before our restart
                 return
         elif n != worker.received + 1:
@@ -121,6 +132,7 @@ class Commands:
                 n,
             )
             pool.lost(route, "gap")
+            COUNTS.fenced_messages += 1
             pool.refuse(route)
             return
         else:
@@ -214,6 +226,7 @@ class Commands:
         self.pool.hello(worker_id, info)
 
     def _bye(self, worker_id: bytes, m: list[Any]) -> None:
+        COUNTS.byes += 1
         self.pool.bye(worker_id)
 
     def _ack(self, worker_id: bytes, m: list[Any]) -> None:
@@ -224,22 +237,28 @@ class Commands:
     def _send(self, worker_id: bytes, m: list[Any]) -> None:
         frame = _frame(m[2])
         get = self.clients.clients.get
+        sent = 0
         for cid in m[1]:
             conn = get(cid)
             if conn is not None:
                 conn.write_direct(frame)
+                sent += 1
+        _count(sent, len(m[1]) - sent, frame)
 
     def _send_all(self, worker_id: bytes, m: list[Any]) -> None:
         frame = _frame(m[1])
         exclude = m[2]
+        clients = self.clients.clients
         if exclude:
             skip = set(exclude)
-            for cid, conn in self.clients.clients.items():
+            for cid, conn in clients.items():
                 if cid not in skip:
                     conn.write(frame)
+            _count(len(clients) - sum(1 for cid in skip if cid in clients), 0, frame)
         else:
-            for conn in self.clients.clients.values():
+            for conn in clients.values():
                 conn.write(frame)
+            _count(len(clients), 0, frame)
 
     def _send_group(self, worker_id: bytes, m: list[Any]) -> None:
         groups, data, exclude = m[1], m[2], m[3]
@@ -258,9 +277,11 @@ class Commands:
             for cid, conn in list(members.items()):
                 if cid not in skip:
                     conn.write(frame)
+            _count(len(members) - sum(1 for cid in skip if cid in members), 0, frame)
         else:
             for conn in list(members.values()):
                 conn.write(frame)
+            _count(len(members), 0, frame)
 
     def _send_uid(self, worker_id: bytes, m: list[Any]) -> None:
         targets = [c for uid in m[1] for c in self.clients.of_uid(uid).values()]
@@ -268,13 +289,16 @@ class Commands:
             frame = _frame(m[2])
             for conn in targets:
                 conn.write_direct(frame)
+            _count(len(targets), 0, frame)
 
     def _close(self, worker_id: bytes, m: list[Any]) -> None:
         conn = self.clients.get(m[1])
         if conn is None:
             return
         if m[2] is not None:
-            conn.write_direct(_frame(m[2]))
+            frame = _frame(m[2])
+            conn.write_direct(frame)
+            _count(1, 0, frame)
         conn.close(m[3] if len(m) > 3 else 1000)
 
     # Groups, uids, sessions

@@ -50,6 +50,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from gateway.handshake import HandshakeParser, Refused, refuse
+from gateway.metrics import COUNTS
 from gateway.outbox import Outbox, write_all
 from gateway.protocol import session_entry
 
@@ -191,6 +192,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        COUNTS.bytes_in += len(data)
         if self.ws is None:
             data = self._opening(data)
             if not data:
@@ -208,6 +210,7 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        COUNTS.disconnected(self.ws)
         self._closing()
         self.transport = None
         self._unread = None
@@ -350,6 +353,7 @@ class ClientConnection(asyncio.Protocol):
         takes effect within READ_SLICE bytes, not at the end of a 256 KiB read.
         """
         if self._unread is None:
+            COUNTS.flood_pauses += 1
             self._unread = b""
             transport = self.transport
             if transport is not None and not transport.is_closing():
@@ -393,6 +397,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        COUNTS.resets += 1
         self._closing()
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -600,5 +605,6 @@ class ClientConnection(asyncio.Protocol):
                 return True
         else:
             message = bytes(data)
+        COUNTS.messages_in += 1
         self.owner.received(self, message)
         return False

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from hashlib import sha1
 from http import HTTPStatus
 
+from gateway.metrics import COUNTS
+
 __all__ = [
     "MAX_FIELDS",
     "MAX_HEAD",
@@ -141,6 +143,7 @@ def refuse(status: int, reason: str) -> Refused:
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
+    COUNTS.refusals[status] += 1
     return Refused(status, head.encode("ascii") + body, reason)
 
 
@@ -287,6 +290,7 @@ def _decide(buf: bytes | bytearray, end: int) -> Accepted | Refused:
 
     accept = b2a_base64(sha1(key.encode("ascii") + GUID).digest(), newline=False)
     leftover = bytes(buf[end + 4 :])
+    COUNTS.handshakes += 1
     return Accepted(target, fields, _RESPONSE_HEAD + accept + b"\r\n\r\n", leftover)
 
 

@@ -39,6 +39,7 @@ import zmq.asyncio
 
 from chatcluster import auth, links
 from chatcluster.keys import Keys
+from chatcluster.metrics import Histogram
 from gateway import protocol as p
 from gateway.zmqreader import BatchReader
 
@@ -49,6 +50,34 @@ FLUSH_AT = 1 << 20
 """Bytes queued after which a handled event's acknowledgement sends the batch
 at once: a worker busy with a storm of events lets the gateway start writing
 instead of waiting for the whole loop turn."""
+
+
+class LinkCounts:
+    """What every link of this process sent and got (``businessworker.metrics`` reads it):
+    plain counters, one addition per command, query or ZeroMQ message."""
+
+    __slots__ = (
+        "commands",
+        "queries",
+        "query_seconds",
+        "query_timeouts",
+        "received",
+        "resets",
+        "sent",
+    )
+
+    def __init__(self) -> None:
+        self.commands = 0
+        self.queries = 0
+        self.query_timeouts = 0
+        self.query_seconds = Histogram()
+        self.sent = 0
+        self.received = 0
+        self.resets = 0
+
+
+COUNTS = LinkCounts()
+
 QUERY_TIMEOUT = 15.0
 """A gateway busy with a storm of work may take seconds to answer; it is not gone."""
 
@@ -246,6 +275,8 @@ class GatewayLink:
         """req_id -> the futures of later callers who share that request"""
         self._asked: dict[tuple[Any, ...], int] = {}
         """(kind, *args) -> req_id of the queries queued since the last command"""
+        self._asked_at: dict[int, float] = {}
+        """req_id of a query -> when it was asked (loop time), for its latency"""
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._acks: list[int] = []
@@ -319,6 +350,7 @@ class GatewayLink:
 
     def begin_reset(self) -> None:
         """Drop the session: after this, runs of this gateway's events are stale."""
+        COUNTS.resets += 1
         self._shut(0)
         kept = [*self._unreceipted]
         if self._batch.groups:
@@ -376,6 +408,7 @@ class GatewayLink:
         if run is not self._run:
             self._run = run
             self._out.append(p.pack([p.CAUSE, run.source, run.seq, index]))
+        COUNTS.commands += 1
         self._queue(frame)
 
     def _queue(self, frame: bytes) -> None:
@@ -424,6 +457,7 @@ class GatewayLink:
         if self._sock.closed:
             return
         self._sent += 1
+        COUNTS.sent += 1
         if batch is not None:
             batch.n = self._sent
             self._unreceipted.append(batch)
@@ -466,6 +500,8 @@ class GatewayLink:
             return future
         req_id = next(self._req_ids)
         future = self._expect(req_id)
+        COUNTS.queries += 1
+        self._asked_at[req_id] = asyncio.get_running_loop().time()
         self._queue(p.pack([p.QUERY, req_id, kind, list(args)]))
         self._asked[key] = req_id
         return future
@@ -486,6 +522,8 @@ class GatewayLink:
 
     def _time_out(self, req_id: int) -> None:
         if req_id in self._replies:
+            if req_id in self._asked_at:
+                COUNTS.query_timeouts += 1
             self._settle(
                 req_id,
                 exc=TimeoutError(f"gateway {self.gateway_id} did not answer in {QUERY_TIMEOUT} s"),
@@ -496,6 +534,9 @@ class GatewayLink:
         timer = self._timeouts.pop(req_id, None)
         if timer is not None:
             timer.cancel()
+        asked = self._asked_at.pop(req_id, None)
+        if asked is not None and exc is None:
+            COUNTS.query_seconds.observe(asyncio.get_running_loop().time() - asked)
         futures = [self._replies.pop(req_id, None), *self._sharers.pop(req_id, ())]
         for future in futures:
             if future is not None and not future.done():
@@ -519,6 +560,7 @@ class GatewayLink:
                 n = head[1] if head[0] == p.MSG else -1
             except (ValueError, IndexError, TypeError):
                 n = -1
+            COUNTS.received += 1
             if n != 0:
                 if n != self._received + 1:
                     self.reset(f"message {self._received + 1} of the gateway went missing")

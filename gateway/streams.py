@@ -39,6 +39,7 @@ import zmq.asyncio
 from chatcluster import auth, links
 from chatcluster.keys import Keys
 from gateway.connection import text_frame
+from gateway.metrics import COUNTS
 from gateway.zmqreader import BatchReader
 from register import protocol as rp
 
@@ -271,7 +272,10 @@ class StreamLink:
             for offset, data, exclude, _source, _n in entries:
                 if conn.client_id not in exclude:
                     frame = positioned(data, epoch, offset)
-                    conn.write(text_frame(frame, binary=frame.__class__ is bytes))
+                    encoded = text_frame(frame, binary=frame.__class__ is bytes)
+                    conn.write(encoded)
+                    COUNTS.frames_out += 1
+                    COUNTS.bytes_out += len(encoded)
                 missed += 1
         # What the register had sent before this answer may not all be delivered here
         # yet (a gap being filled): this client had it in the replay.
@@ -445,8 +449,12 @@ class StreamLink:
             for cid, conn in list(members.items()):
                 if cid not in skip:
                     conn.write(frame)
+            sent = len(members) - sum(1 for cid in skip if cid in members)
+            COUNTS.frames_out += sent
+            COUNTS.bytes_out += sent * len(frame)
             return
         floors = self.floors
+        plain = positioned_sent = 0
         for cid, conn in list(members.items()):
             if cid in skip:
                 continue
@@ -458,8 +466,12 @@ class StreamLink:
                             continue
                         del floors[(group, cid)]
                 conn.write(pframe)
+                positioned_sent += 1
             else:
                 conn.write(frame)
+                plain += 1
+        COUNTS.frames_out += plain + positioned_sent
+        COUNTS.bytes_out += plain * len(frame) + positioned_sent * len(pframe)
 
     @property
     def unconfirmed(self) -> int:

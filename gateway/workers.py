@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from gateway import protocol
+from gateway.metrics import COUNTS
 from gateway.pacing import Pacer
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class WorkerPool:
             if worker is None:
                 continue
             worker.sent += 1
+            COUNTS.internal_out += 1
             try:
                 sock.send_multipart([worker_id, protocol.header(worker.sent), *frames], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
@@ -350,6 +352,7 @@ class WorkerPool:
         if worker_id in self._ring:
             self._ring.remove(worker_id)
         replay = [entry for _, entry in sorted(worker.unacked.items())]
+        COUNTS.lost("stopped" if worker.draining else why, len(replay))
         log_level = logging.INFO if worker.draining and not replay else logging.WARNING
         log.log(
             log_level,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import uvloop
 import zmq.asyncio
 
-from chatcluster import cli, links, logs, process
+from chatcluster import cli, links, logs, metrics
 from chatcluster import keys as curve
 from register import protocol
 from register.client import fetch_status, register_addresses
@@ -43,6 +43,9 @@ def parser() -> cli.Parser:
     )
     run.add_cluster_key("plain links, no key: any local account can join (a WARNING at start)")
     run.add_link_timeout()
+    run.add_metrics(
+        "the whole cluster's figures (every member's, sent with its heartbeats) and /health"
+    )
     run.add_log_level()
 
     status = sub.add_parser(
@@ -111,15 +114,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = curve.for_process(args.curve_key, insecure=args.insecure, create=False)
         addresses = register_addresses(args.register)
         return uvloop.run(_status(addresses, args.json, keys, args.timeout))
+    run_parser = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "run"
+    ]
+    run_parser.check_metrics(args)
     keys = curve.for_process(args.curve_key, insecure=args.insecure)
-    code = uvloop.run(_run(args.bind, keys, links.link_timeout(args.link_timeout)))
+    code = uvloop.run(_run(args.bind, keys, links.link_timeout(args.link_timeout), args.metrics))
     # Flush what ZeroMQ still has queued (last replies, goodbyes) before exiting.
     zmq.asyncio.Context.instance().destroy(linger=2000)
     return code
 
 
-async def _run(bind: str, keys: curve.Keys | None, link_timeout: float) -> int:
-    return await process.serve(Register(bind, keys=keys, link_timeout=link_timeout))
+async def _run(
+    bind: str,
+    keys: curve.Keys | None,
+    link_timeout: float,
+    metrics_at: tuple[str, int] | None = None,
+) -> int:
+    register = Register(bind, keys=keys, link_timeout=link_timeout)
+    figures = register.figures
+    return await metrics.serve_member(register, metrics_at, figures.render, figures.health)
 
 
 async def _status(

@@ -18,6 +18,7 @@ from chatcluster.keys import Keys, check_exposure
 from chatcluster.logs import Throttle, held_back
 from chatcluster.process import Lifecycle
 from register import protocol
+from register.metrics import RegisterFigures
 from register.streams import Streams
 from register.table import Table
 
@@ -72,6 +73,8 @@ class Register(Lifecycle):
         self._pushed_version = -1
         self._was_settled = False
         self._refusals = Throttle()
+        self.figures = RegisterFigures(self)
+        """the register's counters and the members' latest snapshots (``register.metrics``)"""
 
     @property
     def settled(self) -> bool:
@@ -98,7 +101,7 @@ class Register(Lifecycle):
             os.getpid(),
         )
         ticker = self._background(self._tick())
-        watcher = self._background(guard.watch(self._probe))
+        watcher = self._background(guard.watch(self._probe, self._refused_handshake))
         try:
             while not self._stopping.is_set():
                 events = await sock.poll(500, zmq.POLLIN)
@@ -114,8 +117,11 @@ class Register(Lifecycle):
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(0.25)
+            workers = set(self.table.workers)
             for gid in self.table.expire(time.monotonic()):
+                self.figures.drops["gateway"] += 1
                 log.warning("gateway gone id=%s (its link dropped and it did not come back)", gid)
+            self.figures.drops["worker"] += len(workers - set(self.table.workers))
             live = {m.entry["id"] for m in self.table.workers.values()}
             for wid in [w for w in self.worker_routes if w not in live]:
                 del self.worker_routes[wid]
@@ -171,10 +177,13 @@ class Register(Lifecycle):
         kind = message[0]
         if kind == protocol.GATEWAY:
             entry = message[1]
+            figures = self.figures
             if entry["id"] in self.table.gone:
+                figures.refusals["gone"] += 1
                 self._send(route, [protocol.GONE, entry["id"]])
                 return
             if self.table.takeover(entry):
+                figures.refusals["takeover"] += 1
                 shown = self._refusals.hit(("takeover", entry["id"], entry["address"]))
                 if shown is not None:
                     log.warning(
@@ -188,10 +197,13 @@ class Register(Lifecycle):
                 return
             known = entry["id"] in self.table.gateways
             self.gateway_routes[entry["id"]] = route
+            figures.take(entry)
             refused = self.table.gateway_seen(entry, now)
             if not known:
+                figures.joins["gateway"] += 1
                 log.info("gateway joined id=%s address=%s", entry["id"], entry["address"])
             for prefix in refused:
+                figures.refusals["prefix"] += 1
                 log.info("prefix conflict gateway=%s prefix=%d", entry["id"], prefix)
                 self._send(route, [protocol.CONFLICT, prefix])
             accepted = self.table.gateways[entry["id"]].entry["prefixes"]
@@ -199,7 +211,9 @@ class Register(Lifecycle):
         elif kind == protocol.WORKER:
             entry = message[1]
             self.worker_routes[entry["id"]] = route
+            self.figures.take(entry)
             if self.table.worker_seen(entry, now):
+                self.figures.joins[entry.get("role", "worker")] += 1
                 log.info("worker joined id=%s", entry["id"])
                 self._send(route, self._gateways_message())
             else:
@@ -207,8 +221,10 @@ class Register(Lifecycle):
         elif kind == protocol.BYE:
             member = message[1]
             if member in self.table.gateways:
+                self.figures.leaves["gateway"] += 1
                 log.info("gateway left id=%s", member)
             elif member in self.table.workers:
+                self.figures.leaves[self.table.workers[member].entry.get("role", "worker")] += 1
                 log.info("worker left id=%s", member)
             self.table.forget(member)
             self.worker_routes.pop(member, None)
@@ -299,6 +315,9 @@ class Register(Lifecycle):
                 "interest_known": len(self.interest),
             },
         }
+
+    def _refused_handshake(self) -> None:
+        self.figures.refusals["handshake"] += 1
 
     def _probe(self) -> None:
         """Sending to a dropped link fails at once (ROUTER_MANDATORY): mark its member."""

@@ -65,6 +65,7 @@ class Cluster:
         env: dict[str, str] | None = None,
         registers: int = 1,
         insecure: bool = False,
+        register_args: list[str] | None = None,
     ) -> None:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cluster-"))
         # The processes run with the defaults, as `make run` starts them: each finds
@@ -77,6 +78,8 @@ class Cluster:
         self.n_gateways = gateways
         self.n_workers = workers
         self.gateway_args = gateway_args or []
+        self.register_args = register_args or []
+        """extra options of every register (e.g. --metrics)"""
         self.register_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(registers)]
         self.register_address = self.register_addresses[0]
         if shared_port:  # every gateway on one port, as in production (SO_REUSEPORT)
@@ -168,7 +171,7 @@ class Cluster:
         return [*args, "--insecure"] if self.insecure else args
 
     def start_register(self, i: int = 0) -> None:
-        args = ["register", "--bind", self.register_addresses[i]]
+        args = ["register", "--bind", self.register_addresses[i], *self.register_args]
         self.registers[i] = self._spawn(f"register{i}", [*args, *self._insecure_args()])
 
     def _insecure_args(self) -> list[str]:

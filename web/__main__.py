@@ -30,11 +30,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: ws://<the page's host>:7272; a ?ws= page parameter overrides both)",
     )
     parser.add_argument(
+        "--metrics-url",
+        default=None,
+        metavar="URL",
+        help="the cluster's metrics the admin page (/admin) reads, e.g. "
+        "http://10.0.0.1:1237/metrics (default: http://<the page's host>:1237/metrics; a "
+        "?metrics= page parameter overrides both)",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="log every request (DEBUG level)"
     )
     args = parser.parse_args(argv)
     if args.ws_url and not args.ws_url.startswith(("ws://", "wss://")):
         parser.error("--ws-url must start with ws:// or wss://")
+    if args.metrics_url and not args.metrics_url.startswith(("http://", "https://")):
+        parser.error("--metrics-url must start with http:// or https://")
     return args
 
 
@@ -42,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     """Configure logging and run the server until SIGTERM/SIGINT."""
     args = parse_args(argv)
     logs.setup("debug" if args.verbose else "info")
-    serve(args.host, args.port, args.ws_url)
+    serve(args.host, args.port, args.ws_url, args.metrics_url)
     return 0
 
 

@@ -209,3 +209,13 @@ def test_the_logged_url_is_one_to_open(bound: tuple, url: str) -> None:
     server.server_address = bound
     assert server.url == url
     assert server.every_interface == (bound[0] in ("0.0.0.0", "::"))
+
+
+def test_admin_is_the_admin_page_and_config_names_the_metrics(server: WebServer) -> None:
+    status, headers, body = request(server, "/admin")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b'src="admin.js"' in body
+    assert request(server, "/admin.js")[0] == 200
+    # The admin page reads the metrics endpoint, another origin: http: is a connect-src.
+    assert "connect-src 'self' ws: wss: http: https:" in headers["content-security-policy"]
+    assert b'"metricsUrl": null' in request(server, "/config.js")[2]

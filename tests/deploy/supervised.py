@@ -26,7 +26,7 @@ from typing import Any
 from supervisor.xmlrpc import SupervisorTransport
 
 from chatcluster import keys as curve
-from tests.cluster import ROOT, register_status
+from tests.cluster import ROOT, free_port, register_status
 
 DEPLOY = ROOT / "deploy"
 
@@ -65,6 +65,8 @@ class Supervised:
             "CHAT_LOG_DIR": str(self.dir / "log"),
             # the default cluster key, made by the first program: never the real home's
             curve.ENV_STATE: str(self.dir / "state"),
+            # the register's metrics (deploy/cluster.env: 127.0.0.1:1237) on a free port
+            "CHAT_REGISTER_METRICS": f"127.0.0.1:{free_port()}",
             **{k: str(v) for k, v in settings.items()},
         }
         self.config = self.dir / "chat.env"

@@ -201,6 +201,8 @@ def test_program_turns_settings_into_options(tmp_path: Path) -> None:
         "CHAT_ADVERTISE=10.0.0.2\n"
         "CHAT_GATEWAY_ARGS='--max-waiting 50'\n"
         "CHAT_APP=tests.apps.probe\n"
+        "CHAT_GATEWAY_METRICS=0.0.0.0:9100\n"
+        "CHAT_METRICS_PUBLIC=1\n"
     )
     run = program("gateway", "2", CHAT_CONFIG=str(config))
     assert run.returncode == 0, run.stderr
@@ -220,6 +222,9 @@ def test_program_turns_settings_into_options(tmp_path: Path) -> None:
         "tcp://10.0.0.9:1236",
         "--curve-key",
         str(key),
+        "--metrics",
+        "0.0.0.0:9102",
+        "--metrics-public",
         "--max-waiting",
         "50",
     ]
@@ -233,6 +238,8 @@ def test_program_turns_settings_into_options(tmp_path: Path) -> None:
         "register",
         "--bind",
         "tcp://127.0.0.1:1236",
+        "--metrics",
+        "127.0.0.1:1237",
     ]
     assert program("gateway", "1").stdout.split()[1:] == [
         "-m",

@@ -15,11 +15,13 @@ import re
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import free_port
 from tests.deploy.supervised import DEPLOY, Supervised, clean_env, local_status, wait_mesh
@@ -36,6 +38,7 @@ class Foreground:
         self.register = f"tcp://127.0.0.1:{free_port()}"
         self.port = free_port()
         self.web_port = free_port()
+        self.metrics_port = free_port()
         self.sup = Supervised(
             "all",
             {
@@ -46,6 +49,7 @@ class Foreground:
                 "CHAT_WORKERS": WORKERS,
                 "CHAT_WEB_PORT": self.web_port,
                 "CHAT_WEB_ARGS": "--host 127.0.0.1",
+                "CHAT_REGISTER_METRICS": f"127.0.0.1:{self.metrics_port}",
             },
         )
         self.pids: set[int] = set()
@@ -63,7 +67,7 @@ class Foreground:
         return {info["pid"] for info in self.sup.infos().values()}
 
     def ports(self) -> list[int]:
-        return [int(self.register.rsplit(":", 1)[1]), self.port, self.web_port]
+        return [int(self.register.rsplit(":", 1)[1]), self.port, self.web_port, self.metrics_port]
 
 
 def one_line(run: subprocess.CompletedProcess[str]) -> str:
@@ -75,7 +79,10 @@ def one_line(run: subprocess.CompletedProcess[str]) -> str:
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (SO_REUSEADDR: connections the server closed, such as
+    the metrics scrapes', linger in TIME_WAIT, and those are no listener)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -102,6 +109,28 @@ def machine() -> Iterator[Foreground]:
     assert all(port_free(p) for p in fg.ports()), fg.ports()
     assert "SIGKILL" not in output and "CRIT" not in output, output
     fg.sup.cleanup()
+
+
+def test_make_run_serves_the_clusters_metrics_and_health(machine: Foreground) -> None:
+    """The register's endpoint (CHAT_REGISTER_METRICS): every program's figures, /health 200."""
+    base = f"http://127.0.0.1:{machine.metrics_port}"
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as answer:
+        assert answer.status == 200
+        assert answer.read().decode().strip() == f"ok: {GATEWAYS} gateways, {WORKERS} workers"
+    deadline = time.monotonic() + 10
+    while True:  # each member's figures come with its next heartbeat
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        roles = [
+            s.labels["role"]
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "process_up_seconds"
+        ]
+        if sorted(roles) == sorted(["register"] + ["gateway"] * GATEWAYS + ["worker"] * WORKERS):
+            break
+        assert time.monotonic() < deadline, roles
+        time.sleep(0.1)
 
 
 def test_nothing_at_start_is_a_warning(machine: Foreground) -> None:

@@ -297,6 +297,31 @@ CASES = [
         FAILED,
         ["cannot write keys into {tmp}/garbage/keys: Not a directory"],
     ),
+    # --metrics (#15): loopback unless --metrics-public; a busy port; a bad value
+    Case(
+        "gateway-metrics-not-loopback",
+        [*GW, "--metrics", "0.0.0.0:{free}"],
+        USAGE,
+        ["--metrics 0.0.0.0:{free} is not a loopback address", "add --metrics-public"],
+    ),
+    Case(
+        "register-metrics-busy",
+        ["register", "--bind", "tcp://127.0.0.1:{free}", "--metrics", "127.0.0.1:{busy}"],
+        FAILED,
+        ["cannot serve metrics on 127.0.0.1:{busy}: Address already in use", "another --metrics"],
+    ),
+    Case(
+        "worker-metrics-not-host-port",
+        ["businessworker", "--app", "businessworker.chat", "--metrics", "1237"],
+        USAGE,
+        ["argument --metrics: '1237' is not HOST:PORT"],
+    ),
+    Case(
+        "web-metrics-url-not-http",
+        ["web", "--port", "0", "--metrics-url", "tcp://127.0.0.1:1237"],
+        USAGE,
+        ["--metrics-url must start with http:// or https://"],
+    ),
     Case(
         "register-keys-out-holds-a-key",
         ["register", "keys", "--out", "{tmp}/state"],
