@@ -170,7 +170,7 @@ async def test_sigkilled_gateway_clients_are_logged_out_and_reconnect() -> None:
         start = time.monotonic()
         m.sigkill(name)
         for v in victims:  # no close frame: the process is gone
-            await v.closed(timeout=5)
+            await v.closed()
         lost = {v.uid for v in victims}
 
         async def logouts(client: ChatClient) -> float:
