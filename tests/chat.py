@@ -91,14 +91,13 @@ class ChatClient:
     async def say(self, content: str, to: int | str = "all") -> None:
         await self.send({"type": "say", "to_uid": to, "content": content})
 
-    async def quiet(self, timeout: float = 0.3) -> None:
-        """Assert that nothing more arrives within ``timeout``."""
-        try:
-            async with asyncio.timeout(timeout):
-                extra = await self.ws.recv()
-        except TimeoutError:
-            return
-        raise AssertionError(f"unexpected frame {extra!r}")
+    async def fenced(self, marker: str, timeout: float = TIMEOUT) -> None:
+        """The next message is the say ``marker``: nothing came before it. Sent after
+        what should not arrive, by the same sender, it shows that nothing else came."""
+        message = await self.recv(timeout)
+        assert message["type"] == "say" and message["content"] == marker, (
+            f"unexpected {message} before the marker {marker!r}"
+        )
 
     async def closed(self, timeout: float = TIMEOUT) -> tuple[int | None, str | None]:
         """Wait until the server closes us; return (code, reason)."""

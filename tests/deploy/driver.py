@@ -11,7 +11,9 @@ can say on one host and then expect on another. Operations:
     login    name nick room           -> {"uid": ..., "users": [user_list entries]}
     say      name content [to]        to "all" (default) or a uid
     expect   name type [timeout]      -> the next message, which must be of that type
-    quiet    name [timeout]           nothing more arrives within timeout
+    fenced   name marker [timeout]    the next message is the say ``marker``: nothing
+                                      came before it (the marker is said after what
+                                      must not arrive, by the same sender)
     state    name                     -> "OPEN", "CLOSED", ...
     close    name
 """
@@ -23,6 +25,7 @@ import json
 import sys
 from typing import Any
 
+from businessworker.testing import TIMEOUT
 from tests.chat import ChatClient
 
 
@@ -39,9 +42,9 @@ async def handle(clients: dict[str, ChatClient], request: dict[str, Any]) -> Any
         await client.say(request["content"], to=request.get("to", "all"))
         return None
     if op == "expect":
-        return await client.expect(request["type"], timeout=request.get("timeout", 10))
-    if op == "quiet":
-        await client.quiet(request.get("timeout", 0.3))
+        return await client.expect(request["type"], timeout=request.get("timeout", TIMEOUT))
+    if op == "fenced":
+        await client.fenced(request["marker"], timeout=request.get("timeout", TIMEOUT))
         return None
     if op == "state":
         return client.ws.state.name

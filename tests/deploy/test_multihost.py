@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from businessworker.testing import TIMEOUT
 from tests.cluster import ROOT
 from tests.deploy.netns import Network, Unavailable
 from tests.deploy.supervised import DEPLOY, Supervised, clean_env, mesh, status_in
@@ -46,7 +47,7 @@ class Driver:
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", module],
             cwd=ROOT,
-            env=clean_env(),
+            env=clean_env(CHAT_TEST_TIMEOUT=str(TIMEOUT)),  # the same unit in there
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -60,7 +61,9 @@ class Driver:
         for line in self.proc.stdout:
             self.lines.put(line)
 
-    def __call__(self, op: str, timeout: float = 20, **fields: Any) -> Any:
+    def __call__(self, op: str, timeout: float = 2 * TIMEOUT, **fields: Any) -> Any:
+        """Send one request; ``timeout`` bounds the answer (the driver's own waits take
+        up to TIMEOUT)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
         self.proc.stdin.flush()
@@ -236,8 +239,12 @@ def test_chat_crosses_hosts(hosts: Hosts, drivers: dict[str, Driver]) -> None:
     for d, name in [(b, "b0"), (a, "a1")]:
         message = d("expect", name=name, type="say")
         assert (message["content"], message["to_uid"]) == ("psst", uids["b0"])
+    # Nothing reached the others: a1's next private say to each comes first (a1's says
+    # are handled in order), and a1 gets its own copies of those with nothing between.
     for d, name in [(a, "a0"), (b, "b1")]:
-        d("quiet", name=name, timeout=0.5)
+        a("say", name="a1", content=f"marker for {name}", to=uids[name])
+        d("fenced", name=name, marker=f"marker for {name}")
+        a("fenced", name="a1", marker=f"marker for {name}")
 
     # A logout on B reaches A.
     b("close", name="b1")
@@ -273,10 +280,10 @@ def test_a_worker_with_another_key_is_refused(hosts: Hosts) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + TIMEOUT
         while "refused a peer" not in hosts.a.logs("register.log"):
             assert time.monotonic() < deadline, "the register never logged the refusal"
-            time.sleep(0.2)
+            time.sleep(0.05)
         status = hosts.status()
         assert status is not None and len(status["workers"]) == 2
     finally:

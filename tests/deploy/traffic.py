@@ -10,6 +10,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
+from businessworker.testing import TIMEOUT
 from tests.chat import ChatClient
 
 PREFIX_SHIFT = 22
@@ -56,26 +57,35 @@ class Traffic:
     rooms: list[list[ChatClient]]
     said: list[list[tuple[int, str]]] = field(default_factory=list)
     heard: dict[int, list[str]] = field(default_factory=dict)
+    fenced: dict[int, set[str]] = field(default_factory=dict)
+    """markers heard by each client (``settle``), apart from the lines"""
     errors: list[str] = field(default_factory=list)
     _listeners: list[asyncio.Task[None]] = field(default_factory=list)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _fences: int = 0
 
     def __post_init__(self) -> None:
         self.said = [[] for _ in self.rooms]
         for room in self.rooms:
             for client in room:
                 self.heard[id(client)] = []
+                self.fenced[id(client)] = set()
                 self._listeners.append(asyncio.create_task(self._listen(client)))
 
     async def _listen(self, client: ChatClient) -> None:
         try:
             while True:
-                message = await client.recv(timeout=3600)
-                if message["type"] == "say":
-                    self.heard[id(client)].append(message["content"])
-                else:
+                message = await client.recv(timeout=3600)  # until settle() ends it
+                if message["type"] != "say":
                     self.errors.append(f"{client.uid} got {message}")
+                elif message["content"].startswith("fence "):
+                    self.fenced[id(client)].add(message["content"])
+                else:
+                    self.heard[id(client)].append(message["content"])
+                self._arrived.set()
         except ConnectionClosed as exc:
             self.errors.append(f"{client.uid} closed: {exc}")
+            self._arrived.set()
 
     async def run(
         self,
@@ -122,22 +132,43 @@ class Traffic:
             )
         return took
 
-    async def settle(self, timeout: float = 20, quiet: float = 0.5) -> None:
-        """Wait until every client heard every line of its room (or ``timeout``), then
-        ``quiet`` seconds more to catch repeats; stop listening."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(
-                set(self.heard[id(c)]) >= {content for _, content in self.said[r]}
+    async def settle(self, timeout: float = TIMEOUT) -> None:
+        """Every sender says a marker; wait until every listener heard every marker of its
+        room; stop listening. One client's says are handled and delivered in order, so
+        whatever was coming of the lines said before (a repeat too) came before its
+        marker: no time window. A missing line shows in ``missing()``."""
+        self._fences += 1
+        markers = [
+            {f"fence {self._fences} r{r} s{s}" for s in range(len(room))}
+            for r, room in enumerate(self.rooms)
+        ]
+        for r, room in enumerate(self.rooms):
+            for s, client in enumerate(room):
+                await client.say(f"fence {self._fences} r{r} s{s}")
+
+        def unfenced() -> list[str]:
+            return [
+                f"client {c.uid} (room {r})"
                 for r, room in enumerate(self.rooms)
                 for c in room
-            ):
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(quiet)
-        for task in self._listeners:
-            task.cancel()
-        await asyncio.gather(*self._listeners, return_exceptions=True)
+                if not markers[r] <= self.fenced[id(c)]
+            ]
+
+        try:
+            async with asyncio.timeout(timeout):
+                while unfenced() and not self.errors:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            late = unfenced()
+            raise AssertionError(
+                f"{len(late)} clients did not hear every marker within {timeout:g} s: "
+                f"{late[:5]}; missing {self.missing()[:5]}"
+            ) from None
+        finally:
+            for task in self._listeners:
+                task.cancel()
+            await asyncio.gather(*self._listeners, return_exceptions=True)
 
     def lines(self) -> int:
         return sum(len(s) for s in self.said)

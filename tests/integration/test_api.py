@@ -6,10 +6,13 @@ import asyncio
 import itertools
 import json
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from businessworker.testing import TIMEOUT
 from tests.cluster import Cluster
@@ -21,17 +24,31 @@ class Probe:
     """A client of the probe app: ``call`` runs one API function in a worker."""
 
     _ids = itertools.count(1)
+    opened: list[Probe] = []
+    """every probe of this process, closed or not (see ``others_closed``)"""
 
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
         self.ws = ws
         self.hello = hello
         self.id: int = hello["hello"]
         self.inbox: list[Any] = []
+        self.loop = asyncio.get_running_loop()
+        Probe.opened.append(self)
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> Probe:
         ws = await connect(url, compression=None, max_queue=None, **kwargs)
         return cls(ws, json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+
+    @classmethod
+    def others_closed(cls, *mine: Probe) -> None:
+        """Every probe but ``mine`` has closed: a fence for counting every client of a
+        shared cluster. A WebSocket close ends when the gateway closes the TCP
+        connection, which it does after taking the client out of its table (it runs
+        connection_lost before closing the socket), so a closed probe is no longer
+        counted by any gateway."""
+        left = [p.id for p in cls.opened if p not in mine and p.ws.state is not State.CLOSED]
+        assert not left, f"probes of earlier tests still open: {left}"
 
     async def _recv(self) -> Any:
         raw = await asyncio.wait_for(self.ws.recv(), TIMEOUT)
@@ -67,6 +84,16 @@ class Probe:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+@pytest.fixture(autouse=True)
+async def no_probe_outlives_its_test() -> AsyncIterator[None]:
+    """A test that failed half-way leaves no client to later tests' counts."""
+    yield
+    loop = asyncio.get_running_loop()
+    for probe in Probe.opened:
+        if probe.loop is loop and probe.ws.state is not State.CLOSED:
+            await probe.close()
 
 
 async def trio(cluster: Cluster) -> tuple[Probe, Probe, Probe]:
@@ -189,9 +216,10 @@ async def test_sessions_from_any_worker(probe_cluster: Cluster) -> None:
     sessions = await c.call("get_client_sessions_by_group", "s")
     assert sessions[str(a.id)]["name"] == "A"
     assert set(sessions) == {str(a.id), str(b.id)}
+    Probe.others_closed(a, b, c)  # so the cluster's clients are exactly ours
     everything = await c.call("get_all_client_sessions")
-    assert {str(a.id), str(b.id), str(c.id)} <= set(everything)
-    assert await c.call("get_all_client_count") >= 3
+    assert set(everything) == {str(a.id), str(b.id), str(c.id)}
+    assert await c.call("get_all_client_count") == 3
     assert await c.call("get_session", 987654321) is None
     await a.call("ungroup", "s")
     await close_all(a, b, c)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from businessworker.testing import TIMEOUT
 from tests.chat import ChatClient
 from tests.cluster import Cluster
 
@@ -32,27 +33,30 @@ async def room(cluster: Cluster, n: int, name: str) -> list[ChatClient]:
 
 
 async def chat_through(
-    clients: list[ChatClient], count: int, fault: object, at: int, pace: float = 0.004
+    clients: list[ChatClient],
+    count: int,
+    faults: dict[int, Callable[[], object]],
+    pace: float = 0.004,
 ) -> tuple[list[str], list[list[str]]]:
-    """Clients take turns saying ``count`` numbered lines; ``fault()`` runs after line ``at``.
-
-    Returns what was said and what each client received, in arrival order.
+    """Clients take turns saying ``count`` numbered lines; ``faults[i]()`` runs after line
+    ``i``. Returns, once every client heard every line, what was said and what each
+    client received, in arrival order.
     """
     said = [f"line {i}" for i in range(count)]
     heard: list[list[str]] = [[] for _ in clients]
 
     async def listen(i: int) -> None:
         while len(set(heard[i])) < count:
-            message = await clients[i].expect("say", timeout=15)
+            message = await clients[i].expect("say")
             heard[i].append(message["content"])
 
     listeners = [asyncio.create_task(listen(i)) for i in range(len(clients))]
     for i, line in enumerate(said):
         await clients[i % len(clients)].say(line)
-        if i == at:
-            await asyncio.to_thread(fault)  # type: ignore[arg-type]
+        if i in faults:
+            await asyncio.to_thread(faults[i])
         await asyncio.sleep(pace)
-    await asyncio.wait_for(asyncio.gather(*listeners), 30)
+    await asyncio.wait_for(asyncio.gather(*listeners), TIMEOUT)
     return said, heard
 
 
@@ -71,7 +75,7 @@ def per_sender(lines: list[str], senders: int) -> list[list[str]]:
 @pytest.mark.parametrize("cluster", [{"gateways": 2, "workers": 3}], indirect=True)
 async def test_killing_a_worker_mid_traffic_loses_nothing(cluster: Cluster) -> None:
     clients = await room(cluster, 6, "kill")
-    said, heard = await chat_through(clients, 300, lambda: cluster.kill_worker(0), at=100)
+    said, heard = await chat_through(clients, 300, {100: lambda: cluster.kill_worker(0)})
     for got in heard:
         # At least once: a line the dead worker handled but never acknowledged
         # is handled again by its successor.
@@ -93,7 +97,7 @@ async def test_killing_a_worker_mid_traffic_loses_nothing(cluster: Cluster) -> N
 async def test_stopping_a_worker_loses_and_repeats_nothing(cluster: Cluster) -> None:
     """A clean stop (SIGTERM, as supervisor sends) drains: every line exactly once, in order."""
     clients = await room(cluster, 6, "stop")
-    said, heard = await chat_through(clients, 300, lambda: cluster.stop_worker(0), at=100)
+    said, heard = await chat_through(clients, 300, {100: lambda: cluster.stop_worker(0)})
     for got in heard:
         assert sorted(got) == sorted(said)  # each line exactly once
         assert per_sender(got, len(clients)) == per_sender(said, len(clients))
@@ -101,14 +105,12 @@ async def test_stopping_a_worker_loses_and_repeats_nothing(cluster: Cluster) -> 
 
 
 async def test_restarting_the_register_loses_no_message(cluster: Cluster) -> None:
+    """The register stops after line 50 (its process has exited) and starts again after
+    line 150: lines 51-150 are said while it is down (room messages wait for it, README).
+    Every line is heard by everyone, once, in each sender's order."""
     clients = await room(cluster, 4, "reg")
-
-    def restart() -> None:
-        cluster.stop_register()
-        time.sleep(1.5)  # the register is down while the chat goes on
-        cluster.start_register()
-
-    said, heard = await chat_through(clients, 200, restart, at=50)
+    faults = {50: cluster.stop_register, 150: cluster.start_register}
+    said, heard = await chat_through(clients, 200, faults)
     for got in heard:
         assert sorted(got) == sorted(said)
         assert per_sender(got, len(clients)) == per_sender(said, len(clients))
@@ -168,15 +170,13 @@ async def test_client_ids_are_never_reused_after_a_gateway_restart(cluster: Clus
 )
 async def test_gateways_share_one_port(cluster: Cluster) -> None:
     clients = [await ChatClient.open(cluster.ws_url(0)) for _ in range(24)]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + TIMEOUT
     counts: list[int] = []
-    while time.monotonic() < deadline:
+    while sum(counts) != len(clients):  # until the gateways' next reports say so
+        assert time.monotonic() < deadline, f"the register counts {counts}"
+        await asyncio.sleep(0.05)
         status = cluster.status() or {"gateways": []}
         counts = [g["connections"] for g in status["gateways"]]
-        if sum(counts) == len(clients):
-            break
-        await asyncio.sleep(0.2)
-    assert sum(counts) == len(clients)
     assert len(counts) == 2 and min(counts) > 0, counts
     for client in clients:
         await client.close()
@@ -197,14 +197,15 @@ async def test_a_second_register_keeps_the_cluster_discoverable(cluster: Cluster
 
 @pytest.mark.parametrize("cluster", [{"gateways": 2, "workers": 1}], indirect=True)
 async def test_a_dead_gateway_is_dropped_within_seconds(cluster: Cluster) -> None:
+    gone = cluster.gateway_id(1)
     cluster.kill_gateway(1)
     start = time.monotonic()
-    status = cluster.status()
-    while status is None or len(status["gateways"]) != 1 or status["workers"][0]["gateways"] != 1:
-        assert time.monotonic() - start < 8, status
-        await asyncio.sleep(0.2)
-        status = cluster.status()
-    print(f"dead gateway dropped after {time.monotonic() - start:.1f} s")
+    said = f"gateway gone id={gone} (its link dropped"
+    await asyncio.to_thread(cluster.wait_log, "register0", said, TIMEOUT)
+    await asyncio.to_thread(cluster.wait_ready, TIMEOUT)  # and the worker dropped it too
+    took = time.monotonic() - start
+    print(f"dead gateway dropped after {took:.1f} s")
+    assert took < 8
     # The survivor still serves.
     client = await ChatClient.open(cluster.ws_url(0))
     await client.login("alone", room="survivor")

@@ -25,9 +25,10 @@ import pytest
 
 from businessworker import AsyncCluster, Cluster, ClusterUnavailable, NotConfirmed
 from businessworker.cluster import QUERIES
+from businessworker.testing import TIMEOUT
 from tests.cluster import ROOT
 from tests.cluster import Cluster as LocalCluster
-from tests.integration.test_api import Probe
+from tests.integration.test_api import Probe, no_probe_outlives_its_test  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +186,9 @@ async def test_a_keyed_send_takes_effect_once(cluster: LocalCluster, sync: Clust
     await asyncio.to_thread(cluster.stop_gateway, 1)
     await asyncio.to_thread(cluster.start_gateway, 1)
     restarted = await asyncio.to_thread(cluster.gateway_id, 1)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + TIMEOUT
     while restarted not in await asyncio.to_thread(lambda: sync.gateways):
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, f"the publisher never saw gateway {restarted}"
         await asyncio.sleep(0.05)
     again = await Probe.open(cluster.ws_url(1))
     await again.call("bind_uid", again.id, "keyed")
@@ -233,15 +234,16 @@ async def test_all_gateways_down_then_one_back() -> None:
         await client.close()
 
 
-def test_command_line_send_and_query(cluster: LocalCluster) -> None:
+async def test_command_line_send_and_query(cluster: LocalCluster) -> None:
     env = {
         **os.environ,
         "CHAT_REGISTER": cluster.register_address,
         "CHAT_CURVE_KEY": str(cluster.key_file),
     }
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+    async def run(*args: str, env: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, "-m", "businessworker", *args],
             cwd=ROOT,
             env=env,
@@ -250,27 +252,20 @@ def test_command_line_send_and_query(cluster: LocalCluster) -> None:
             timeout=30,
         )
 
-    async def scenario() -> None:
-        a = await Probe.open(cluster.ws_url(0))
-        sent = await asyncio.to_thread(run, "send", "--client", str(a.id), '{"from":"cli"}')
-        assert sent.returncode == 0 and sent.stdout == "", sent
-        assert await a.push() == {"from": "cli"}
-        asked = await asyncio.to_thread(run, "query", "is_online", str(a.id))
-        assert asked.returncode == 0 and json.loads(asked.stdout) is True, asked
-        count = await asyncio.to_thread(run, "query", "get_all_client_count")
-        assert json.loads(count.stdout) >= 1
-        wrong = await asyncio.to_thread(run, "query", "is_online")
-        assert wrong.returncode == 2 and len(wrong.stderr.splitlines()) == 1, wrong
-        await a.close()
-
-    asyncio.run(scenario())
-    lost = subprocess.run(
-        [sys.executable, "-m", "businessworker", "send", "--all", "x", "--timeout", "1"],
-        cwd=ROOT,
-        env={**env, "CHAT_REGISTER": "tcp://127.0.0.1:9"},
-        capture_output=True,
-        text=True,
-        timeout=30,
+    a = await Probe.open(cluster.ws_url(0))
+    sent = await run("send", "--client", str(a.id), '{"from":"cli"}')
+    assert sent.returncode == 0 and sent.stdout == "", sent
+    assert await a.push() == {"from": "cli"}
+    asked = await run("query", "is_online", str(a.id))
+    assert asked.returncode == 0 and json.loads(asked.stdout) is True, asked
+    Probe.others_closed(a)  # so the cluster's only client is a
+    count = await run("query", "get_all_client_count")
+    assert json.loads(count.stdout) == 1, count
+    wrong = await run("query", "is_online")
+    assert wrong.returncode == 2 and len(wrong.stderr.splitlines()) == 1, wrong
+    await a.close()
+    lost = await run(
+        "send", "--all", "x", "--timeout", "1", env={**env, "CHAT_REGISTER": "tcp://127.0.0.1:9"}
     )
     assert lost.returncode == 1 and "no gateway" in lost.stderr
     assert len(lost.stderr.splitlines()) == 1, lost.stderr

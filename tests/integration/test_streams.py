@@ -19,6 +19,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from businessworker.chat import HISTORY
+from businessworker.testing import TIMEOUT
 from tests.chat import ChatClient
 from tests.cluster import Cluster
 
@@ -125,7 +126,8 @@ def assert_same_stream(members: list[Member]) -> None:
             assert truth.setdefault((epoch, offset), what) == what, (member.name, epoch, offset)
 
 
-async def until_heard(members: list[Member], marker: str, timeout: float = 30) -> None:
+async def until_heard(members: list[Member], marker: str, timeout: float = TIMEOUT) -> None:
+    """Until every member heard ``marker`` (their readers fill ``says``; each look is cheap)."""
     deadline = time.monotonic() + timeout
     while not all(marker in m.says for m in members):
         late = [m.name for m in members if marker not in m.says]
@@ -347,7 +349,7 @@ async def test_room_messages_reach_only_gateways_with_members() -> None:
         for member in members:
             await member.join(cluster.ws_url(0))
             member.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + TIMEOUT
         while cluster.status()["streams"]["interest_known"] < 4:  # type: ignore[index]
             assert time.monotonic() < deadline, cluster.status()
             await asyncio.sleep(0.05)

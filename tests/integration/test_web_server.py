@@ -1,6 +1,7 @@
 """`python -m web`: static files only, content types, caching, no path escape, clean stop.
 
-These need no browser and no cluster; they live here because they test the page's server.
+Plain HTTP: no browser and no cluster, so not under tests/browser/ (whose `browser` marker
+means a test drives Chromium). The server process is started as the browser tests start it.
 """
 
 from __future__ import annotations
