@@ -179,7 +179,6 @@ async def _run(config: GatewayConfig, metrics_at: tuple[str, int] | None = None)
     from gateway import metrics
 
     gateway = Gateway(config)
-    metrics.attach(gateway)
 
     def render() -> bytes:
         return figures.exposition(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from chatcluster.metrics import Snapshot, labelled
 
@@ -119,21 +119,3 @@ def snapshot(gateway: Gateway) -> Snapshot:
 
 
 STARTED = time.time()
-
-
-def attach(gateway: Gateway) -> None:
-    """Send ``gateway``'s snapshot with each of its heartbeats to the register(s).
-
-    The heartbeat is the gateway's own (``Gateway._beat``), wrapped here on the
-    instance before ``run`` hands it to the register client: the figures travel
-    once a second with what is sent anyway, and the register keeps them apart
-    from the table it routes by (``register.metrics``).
-    """
-    beat = gateway._beat
-
-    def beat_with_figures() -> list[Any]:
-        message = beat()
-        message[1]["metrics"] = snapshot(gateway)
-        return message
-
-    gateway._beat = beat_with_figures  # type: ignore[method-assign]

@@ -21,7 +21,7 @@ from chatcluster import auth, links
 from chatcluster.cli import USAGE, OperatorError, os_reason, zmq_failure
 from chatcluster.keys import Keys, check_exposure
 from chatcluster.process import Lifecycle
-from gateway import protocol
+from gateway import metrics, protocol
 from gateway.clients import ClientTable
 from gateway.commands import Commands
 from gateway.connection import ClientConnection
@@ -336,6 +336,7 @@ class Gateway(Lifecycle):
                 "host": socket.gethostname(),
                 "connections": len(self.clients),
                 "workers": self.pool.live,
+                "metrics": metrics.snapshot(self),  # the register serves the cluster's
             },
         ]
 
