@@ -280,9 +280,11 @@ class Gateway(Lifecycle):
         ticks = max(1, int(self.config.drain_time * 0.6 / tick))
         batch = max(self.config.drain_batch, -(-len(conns) // ticks))
         log.info("draining clients=%d batch=%d", len(conns), batch)
+        batches = 0
         for first in range(0, len(conns), batch):
             for conn in conns[first : first + batch]:
                 conn.close(1012, "gateway restarting, reconnect")
+            batches += 1
             if first + batch < len(conns):
                 await asyncio.sleep(tick)
         deadline = start + self.config.drain_time
@@ -294,8 +296,9 @@ class Gateway(Lifecycle):
         while self.pool.busy and self.pool.live and time.monotonic() < deadline + 2:
             await asyncio.sleep(tick)
         log.info(
-            "drained in %.2f s, unanswered=%d away=%d",
+            "drained in %.2f s, batches=%d unanswered=%d away=%d",
             time.monotonic() - start,
+            batches,
             self.presence.live,
             len(self.presence.away),
         )
