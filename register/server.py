@@ -75,6 +75,13 @@ class Register(Lifecycle):
         self._refusals = Throttle()
         self.figures = RegisterFigures(self)
         """the register's counters and the members' latest snapshots (``register.metrics``)"""
+        self._poll: asyncio.Future[int] | None = None
+        """the wait for the next message, cut short by ``stop``"""
+
+    def stop(self) -> None:
+        super().stop()
+        if self._poll is not None and not self._poll.done():
+            self._poll.cancel()
 
     @property
     def settled(self) -> bool:
@@ -104,7 +111,13 @@ class Register(Lifecycle):
         watcher = self._background(guard.watch(self._probe, self._refused_handshake))
         try:
             while not self._stopping.is_set():
-                events = await sock.poll(500, zmq.POLLIN)
+                self._poll = sock.poll(500, zmq.POLLIN)
+                try:
+                    events = await self._poll
+                except asyncio.CancelledError:
+                    if self._stopping.is_set():
+                        break  # stop() woke us: no need to wait out the poll
+                    raise
                 if events:
                     self._drain()
                 self._push_if_changed()
