@@ -82,6 +82,7 @@ CATALOG: dict[str, Spec] = {
     "process_up_seconds": _g("seconds since this member started"),
     # Gateway: clients
     "gateway_connections": _g("client WebSocket connections open"),
+    "gateway_members_away": _g("kept members whose connection went, within their grace"),
     "gateway_handshakes_total": _c("opening handshakes completed (the connection was opened)"),
     "gateway_handshake_refusals_total": _c(
         "opening handshakes refused, by HTTP status (400 bad request, 405 not GET, 408 too "

@@ -87,13 +87,15 @@ def snapshot(gateway: Gateway) -> Snapshot:
     """Every figure of ``gateway``, by the catalogue's names."""
     c = COUNTS
     pool = getattr(gateway, "pool", None)
+    presence = getattr(gateway, "presence", None)  # both made in run()
     waiting = events = refused = linked = 0
     if pool is not None:
         waiting = len(pool.waiting) + sum(len(items) for _, items in pool.parked.values())
         events, refused, linked = pool._seq, pool.refused, pool.live
     return {
         "process_up_seconds": round(time.time() - STARTED, 1),
-        "gateway_connections": len(gateway.clients),
+        "gateway_connections": presence.live if presence is not None else len(gateway.clients),
+        "gateway_members_away": len(presence.away) if presence is not None else 0,
         "gateway_handshakes_total": c.handshakes,
         "gateway_handshake_refusals_total": labelled(c.refusals),
         "gateway_client_messages_received_total": c.messages_in,

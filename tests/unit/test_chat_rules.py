@@ -16,6 +16,7 @@ import pytest
 
 from businessworker import chat
 from businessworker.testing import Harness, TestClient
+from gateway import metrics
 
 
 @pytest.fixture
@@ -210,6 +211,8 @@ async def test_a_member_back_within_the_grace_carries_on(
     await alice.drop()
     await watcher.send({"type": "say", "to_uid": "all", "content": "while away"})
     await h.settle()
+    figures = metrics.snapshot(h.gateways[0])  # type: ignore[arg-type]
+    assert (figures["gateway_connections"], figures["gateway_members_away"]) == (0, 1)
     back = await login(
         h,
         "ignored",
