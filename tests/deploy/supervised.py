@@ -214,7 +214,11 @@ def status_in(host: Supervised) -> dict[str, Any] | None:
 
 
 def local_status(register: str, keys: curve.Keys | None) -> dict[str, Any] | None:
-    """The register's table, asked from this process with the cluster key."""
+    """The register's table, asked from this process with the cluster key; None (not
+    asked) while the first program has not made the key yet: a question without it
+    would be refused, and logged by the register as a stranger's."""
+    if keys is None:
+        return None
     return register_status(register, timeout=2.0, keys=keys)
 
 
