@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from businessworker.testing import TIMEOUT  # one unit for every wait: CHAT_TEST_TIMEOUT
 from chatcluster import keys as curve
 from register import protocol as register_protocol
 
@@ -124,7 +125,7 @@ class Cluster:
     def register(self) -> subprocess.Popen[bytes] | None:
         return self.registers[0]
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 2 * TIMEOUT) -> None:
         for i in range(len(self.registers)):
             self.start_register(i)
         for i in range(self.n_gateways):
@@ -242,7 +243,7 @@ class Cluster:
                 return register_status(address, keys=self.keys)
         return None
 
-    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = 2 * TIMEOUT) -> dict[str, Any]:
         """Until every running gateway is linked to every running worker and vice versa."""
         gateways = sum(1 for p in self.gateways if p is not None)
         workers = sum(1 for p in self.workers if p is not None)
@@ -281,7 +282,7 @@ class Cluster:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; logs in {self.log_dir}")
 
-    def wait_log(self, name: str, text: str, timeout: float = 30.0) -> None:
+    def wait_log(self, name: str, text: str, timeout: float = 3 * TIMEOUT) -> None:
         """Until the latest log of process ``name`` holds ``text`` (a fact, not a delay)."""
         deadline = time.monotonic() + timeout
         path = self.log_paths[name]

@@ -25,6 +25,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from businessworker.testing import TIMEOUT
 from chatcluster import keys as curve
 from tests.cluster import ROOT, free_port, register_status
 
@@ -152,7 +153,7 @@ class Supervised:
     def pid(self, name: str) -> int:
         return self.infos()[name]["pid"]
 
-    def wait_running(self, timeout: float = 20) -> dict[str, dict[str, Any]]:
+    def wait_running(self, timeout: float = 2 * TIMEOUT) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
             infos = self.infos()
@@ -234,7 +235,7 @@ def mesh(status: dict[str, Any] | None, gateways: int, workers: int) -> bool:
 
 
 def wait_mesh(
-    status: Any, gateways: int, workers: int, timeout: float = 20, what: str = ""
+    status: Any, gateways: int, workers: int, timeout: float = 2 * TIMEOUT, what: str = ""
 ) -> dict[str, Any]:
     """Poll ``status()`` until ``mesh`` holds; return the status."""
     deadline = time.monotonic() + timeout
