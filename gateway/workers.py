@@ -352,15 +352,18 @@ class WorkerPool:
         if worker_id in self._ring:
             self._ring.remove(worker_id)
         replay = [entry for _, entry in sorted(worker.unacked.items())]
-        COUNTS.lost("stopped" if worker.draining else why, len(replay))
-        log_level = logging.INFO if worker.draining and not replay else logging.WARNING
-        log.log(
-            log_level,
-            "worker gone worker=%s why=%s replayed=%d",
-            worker.info.get("id"),
-            why,
-            len(replay),
-        )
+        if worker.info.get("role") == PUBLISHER:  # takes no events: its going is routine
+            log.info("publisher gone publisher=%s why=%s", worker.info.get("id"), why)
+        else:
+            COUNTS.lost("stopped" if worker.draining else why, len(replay))
+            log_level = logging.INFO if worker.draining and not replay else logging.WARNING
+            log.log(
+                log_level,
+                "worker gone worker=%s why=%s replayed=%d",
+                worker.info.get("id"),
+                why,
+                len(replay),
+            )
         for conn, _ in replay:
             conn.route.pending -= 1
         orphans = [cid for cid, (conn, _) in self.parked.items() if conn.route.worker == worker_id]

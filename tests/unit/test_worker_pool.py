@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
+
 from gateway import protocol as p
-from gateway.workers import WorkerPool
+from gateway.workers import PUBLISHER, WorkerPool
 from tests.unit.fakes import FakeConn, FakeSocket
 
 
@@ -152,3 +155,20 @@ def test_a_silent_worker_expires() -> None:
     pool.hello(b"w1", {})
     pool.expire(now=pool.workers[b"w1"].last_seen + p.WORKER_EXPIRY + 1)
     assert pool.workers == {}
+
+
+def test_a_publisher_going_is_routine(caplog: pytest.LogCaptureFixture) -> None:
+    """A publisher (a web app's Cluster, a command-line send) takes no events: its link
+    dropping is logged at INFO and not counted as a worker lost."""
+    from gateway.metrics import COUNTS
+
+    pool, _ = make_pool()
+    pool.hello(b"w1", {"id": "w1"})
+    pool.hello(b"p1", {"id": "p1", "role": PUBLISHER})
+    before = sum(COUNTS.workers_lost.values())
+    with caplog.at_level(logging.INFO, logger="gateway.workers"):
+        pool.lost(b"p1", "disconnected")
+    assert [r.levelno for r in caplog.records] == [logging.INFO], caplog.text
+    assert "publisher gone publisher=p1" in caplog.text
+    assert sum(COUNTS.workers_lost.values()) == before
+    assert pool.live == 1
