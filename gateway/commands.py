@@ -30,14 +30,6 @@ _STALE = object()
 """counting mark of a run whose event this session no longer holds: nothing of it acts"""
 
 
-def _count(sent: int, unknown: int, frame: bytes) -> None:
-    """Count a command's deliveries at once (not per recipient: the fan-out stays as it was)."""
-    COUNTS.frames_out += sent
-    COUNTS.bytes_out += sent * len(frame)
-    if unknown:
-        COUNTS.unknown_sends += unknown
-
-
 def _frame(data: str | bytes) -> bytes:
     return text_frame(data, binary=isinstance(data, bytes))
 
@@ -243,7 +235,8 @@ class Commands:
             if conn is not None:
                 conn.write_direct(frame)
                 sent += 1
-        _count(sent, len(m[1]) - sent, frame)
+        COUNTS.delivered(sent, frame)
+        COUNTS.unknown_sends += len(m[1]) - sent
 
     def _send_all(self, worker_id: bytes, m: list[Any]) -> None:
         frame = _frame(m[1])
@@ -254,11 +247,11 @@ class Commands:
             for cid, conn in clients.items():
                 if cid not in skip:
                     conn.write(frame)
-            _count(len(clients) - sum(1 for cid in skip if cid in clients), 0, frame)
+            COUNTS.delivered(len(clients) - sum(1 for cid in skip if cid in clients), frame)
         else:
             for conn in clients.values():
                 conn.write(frame)
-            _count(len(clients), 0, frame)
+            COUNTS.delivered(len(clients), frame)
 
     def _send_group(self, worker_id: bytes, m: list[Any]) -> None:
         groups, data, exclude = m[1], m[2], m[3]
@@ -277,11 +270,11 @@ class Commands:
             for cid, conn in list(members.items()):
                 if cid not in skip:
                     conn.write(frame)
-            _count(len(members) - sum(1 for cid in skip if cid in members), 0, frame)
+            COUNTS.delivered(len(members) - sum(1 for cid in skip if cid in members), frame)
         else:
             for conn in list(members.values()):
                 conn.write(frame)
-            _count(len(members), 0, frame)
+            COUNTS.delivered(len(members), frame)
 
     def _send_uid(self, worker_id: bytes, m: list[Any]) -> None:
         targets = [c for uid in m[1] for c in self.clients.of_uid(uid).values()]
@@ -289,7 +282,7 @@ class Commands:
             frame = _frame(m[2])
             for conn in targets:
                 conn.write_direct(frame)
-            _count(len(targets), 0, frame)
+            COUNTS.delivered(len(targets), frame)
 
     def _close(self, worker_id: bytes, m: list[Any]) -> None:
         conn = self.clients.get(m[1])
@@ -298,7 +291,7 @@ class Commands:
         if m[2] is not None:
             frame = _frame(m[2])
             conn.write_direct(frame)
-            _count(1, 0, frame)
+            COUNTS.delivered(1, frame)
         conn.close(m[3] if len(m) > 3 else 1000)
 
     # Groups, uids, sessions

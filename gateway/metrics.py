@@ -74,6 +74,11 @@ class GatewayCounts:
         code = close.code if close is not None else 1006
         self.disconnects[str(code) if code in CLOSE_CODES else "other"] += 1
 
+    def delivered(self, sent: int, frame: bytes) -> None:
+        """``sent`` clients were given ``frame``: counted once per command, never per recipient."""
+        self.frames_out += sent
+        self.bytes_out += sent * len(frame)
+
     def lost(self, why: str, replayed: int) -> None:
         """A worker session was lost; ``replayed`` of its events go to other workers."""
         self.workers_lost[why] += 1

@@ -274,8 +274,7 @@ class StreamLink:
                     frame = positioned(data, epoch, offset)
                     encoded = text_frame(frame, binary=frame.__class__ is bytes)
                     conn.write(encoded)
-                    COUNTS.frames_out += 1
-                    COUNTS.bytes_out += len(encoded)
+                    COUNTS.delivered(1, encoded)
                 missed += 1
         # What the register had sent before this answer may not all be delivered here
         # yet (a gap being filled): this client had it in the replay.
@@ -449,9 +448,7 @@ class StreamLink:
             for cid, conn in list(members.items()):
                 if cid not in skip:
                     conn.write(frame)
-            sent = len(members) - sum(1 for cid in skip if cid in members)
-            COUNTS.frames_out += sent
-            COUNTS.bytes_out += sent * len(frame)
+            COUNTS.delivered(len(members) - sum(1 for cid in skip if cid in members), frame)
             return
         floors = self.floors
         plain = positioned_sent = 0
@@ -470,8 +467,8 @@ class StreamLink:
             else:
                 conn.write(frame)
                 plain += 1
-        COUNTS.frames_out += plain + positioned_sent
-        COUNTS.bytes_out += plain * len(frame) + positioned_sent * len(pframe)
+        COUNTS.delivered(plain, frame)
+        COUNTS.delivered(positioned_sent, pframe)
 
     @property
     def unconfirmed(self) -> int:
